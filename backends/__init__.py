@@ -1,0 +1,147 @@
+"""Attention backends: the contract every backend implements, the registry, and the ``auto`` choice.
+
+Shapes (all backends):
+    q      [B, Hq, Lq, D]     queries of the current chunk (already rotated)
+    k, v   [B, Hkv, Lk, D]    memory + chunk keys and values, Lk >= Lq
+Query head h reads KV head h // (Hq // Hkv).
+Masking: query i sits at key index i + (Lk - Lq) (the causal diagonal is aligned bottom-right), sees
+key j when j <= i + (Lk - Lq), and with a sliding ``window`` W only when i + (Lk - Lq) - j < W.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from engine.registry import Registry
+
+
+class AttentionOutput(NamedTuple):
+    out: torch.Tensor  # [B, Hq, Lq, D] in q's dtype
+    lse: torch.Tensor | None  # [B, Hq, Lq] float32, natural-log sum of exp(scaled scores) over visible keys
+
+
+class KeyStats(NamedTuple):
+    mass: (
+        torch.Tensor
+    )  # [B, Hkv, Lk] float32: softmax probability summed over scored queries and the group's heads
+    count: torch.Tensor  # [Lk] int64: how many scored queries can see each key
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a caller will ask of a backend, so that ``supports`` can say no up front."""
+
+    head_dim: int
+    group: int
+    dtype: torch.dtype
+    device: str  # "cpu", "cuda", ...
+    window: int | None = None
+    stats: bool = False  # whether ``scores`` will be called
+
+    def describe(self) -> str:
+        window = f", window {self.window}" if self.window else ""
+        stats = ", with statistics" if self.stats else ""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"head dim {self.head_dim}, GQA group {self.group}, {dtype} on {self.device}{window}{stats}"
+
+
+class Backend:
+    """The contract. ``scale`` defaults to 1/sqrt(D); ``out`` lets the caller supply the output buffer."""
+
+    name = "abstract"
+
+    def supports(self, spec: AttentionSpec) -> bool:
+        raise NotImplementedError
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        window: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> AttentionOutput:
+        """Causal attention of a chunk's queries against memory + chunk keys, with the per-row LSE."""
+        raise NotImplementedError
+
+    def scores(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        lse: torch.Tensor | None = None,
+        last: int | None = None,
+        scale: float | None = None,
+        window: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> KeyStats:
+        """Per-key attention mass from the last ``last`` queries (all when None), per KV head.
+
+        ``lse`` is the prefill's per-row LSE for all Lq rows; without it the backend recomputes it.
+        """
+        raise NotImplementedError
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        window: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> AttentionOutput:
+        """One query row per sequence ([B, Hq, 1, D]) against the whole cache."""
+        raise NotImplementedError
+
+
+_registry: Registry[Backend] = Registry("backend", entry_point_group="engine.backends")
+register = _registry.register
+get = _registry.get
+factory = _registry.factory
+
+
+def available() -> list[str]:
+    return ["auto", *_registry.available()]
+
+
+def resolve(name: str, spec: AttentionSpec) -> Backend:
+    """The backend to use for ``spec``: ``auto`` picks the fastest that supports it; a named backend
+    that does not support it falls back to ``reference`` with a one-line notice."""
+    if name == "auto":
+        order = ["triton", "sdpa", "reference"] if spec.device == "cuda" else ["sdpa", "reference"]
+        for candidate in order:
+            backend = _try_get(candidate)
+            if backend is not None and backend.supports(spec):
+                return backend
+        return get("reference")
+    backend = get(name)
+    if backend.supports(spec):
+        return backend
+    print(f"note: backend {name!r} does not support {spec.describe()}; using 'reference'", file=sys.stderr)
+    return get("reference")
+
+
+def _try_get(name: str) -> Backend | None:
+    try:
+        return get(name)
+    except ImportError:
+        return None
+
+
+# Built-in backends register themselves on import; triton is imported lazily by its factory.
+from backends import reference as _reference  # noqa: E402,F401
+from backends import sdpa as _sdpa  # noqa: E402,F401
+
+
+@register("triton")
+def _triton_backend() -> Backend:
+    from backends.triton import TritonBackend
+
+    return TritonBackend()

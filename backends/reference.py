@@ -1,0 +1,96 @@
+"""The reference backend: plain PyTorch in float32, the oracle every other backend is tested against.
+
+It is written to be obviously right, not fast: scores are materialised, one tile of query rows at a
+time so that memory stays bounded by ``ROW_TILE x Lk`` per head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, register
+
+ROW_TILE = 512
+
+
+def visible(lq: int, lk: int, window: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[lq, lk] bool: which keys each query row may attend to (see the contract in ``backends``)."""
+    query_at = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    key_at = torch.arange(lk, device=device)[None, :]
+    mask = key_at <= query_at
+    if window is not None:
+        mask &= query_at - key_at < window
+    return mask
+
+
+def _grouped_scores(
+    q: torch.Tensor, k: torch.Tensor, rows: slice, scale: float, window: int | None
+) -> torch.Tensor:
+    """Masked, scaled float32 scores [B, Hkv, G, rows, Lk] for query rows ``rows``."""
+    batch, q_heads, lq, dim = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    grouped = q[:, :, rows].float().reshape(batch, kv_heads, q_heads // kv_heads, -1, dim)
+    scores = grouped @ k.float()[:, :, None].transpose(-1, -2) * scale
+    mask = visible(lq, lk, window, q.device)[rows]
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # exp(-inf - -inf) is NaN on rows that see no key; such rows carry no probability.
+    return torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+
+
+def _default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _write(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def supports(self, spec: AttentionSpec) -> bool:
+        return True
+
+    def prefill(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+        batch, q_heads, lq, dim = q.shape
+        kv_heads = k.shape[1]
+        scale = _default_scale(q, scale)
+        result = torch.empty(
+            batch, kv_heads, q_heads // kv_heads, lq, dim, dtype=torch.float32, device=q.device
+        )
+        lse = torch.empty(batch, kv_heads, q_heads // kv_heads, lq, dtype=torch.float32, device=q.device)
+        values = v.float()[:, :, None]
+        for start in range(0, lq, ROW_TILE):
+            rows = slice(start, min(lq, start + ROW_TILE))
+            scores = _grouped_scores(q, k, rows, scale, window)
+            lse[..., rows] = torch.logsumexp(scores, dim=-1)
+            result[..., rows, :] = _probabilities(scores, lse[..., rows]) @ values
+        result = result.reshape(batch, q_heads, lq, dim).to(q.dtype)
+        return AttentionOutput(_write(result, out), lse.reshape(batch, q_heads, lq))
+
+    def scores(self, q, k, *, lse=None, last=None, scale=None, window=None, out=None) -> KeyStats:
+        batch, q_heads, lq, _ = q.shape
+        kv_heads, lk = k.shape[1], k.shape[2]
+        scale = _default_scale(q, scale)
+        first = 0 if last is None else max(0, lq - last)
+        mass = torch.zeros(batch, kv_heads, lk, dtype=torch.float32, device=q.device)
+        grouped_lse = None if lse is None else lse.float().reshape(batch, kv_heads, q_heads // kv_heads, lq)
+        for start in range(first, lq, ROW_TILE):
+            rows = slice(start, min(lq, start + ROW_TILE))
+            scores = _grouped_scores(q, k, rows, scale, window)
+            row_lse = torch.logsumexp(scores, dim=-1) if grouped_lse is None else grouped_lse[..., rows]
+            mass += _probabilities(scores, row_lse).sum(dim=(2, 3))
+        count = visible(lq, lk, window, q.device)[first:].sum(dim=0)
+        return KeyStats(_write(mass, out), count)
+
+    def decode(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+        return self.prefill(q, k, v, scale=scale, window=window, out=out)
+
+
+register("reference")(ReferenceBackend)

@@ -1,0 +1,39 @@
+"""PyTorch's fused ``scaled_dot_product_attention`` for the attention output.
+
+SDPA returns no LSE, so this backend's statistics are the reference's explicit computation over just
+the rows a policy scores: cheap for a last-``w`` window, a full recomputation for "all queries".
+It is the fast path on the CPU (6-10x the explicit float32 math there).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from backends import AttentionOutput, AttentionSpec, register
+from backends.reference import ReferenceBackend, _write, visible
+
+
+class SdpaBackend(ReferenceBackend):
+    name = "sdpa"
+
+    def supports(self, spec: AttentionSpec) -> bool:
+        return True
+
+    def prefill(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+        lq, lk = q.shape[2], k.shape[2]
+        if window is None and lq == lk:
+            mask, causal = None, True
+        elif window is None and lq == 1:
+            mask, causal = None, False
+        else:
+            mask, causal = visible(lq, lk, window, q.device), False
+        result = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        return AttentionOutput(_write(result, out), None)
+
+    def decode(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+        return self.prefill(q, k, v, scale=scale, window=window, out=out)
+
+
+register("sdpa")(SdpaBackend)
