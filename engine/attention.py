@@ -1,0 +1,112 @@
+"""The ``attend`` callback the model calls once per layer: rotate, remember, attend, compress.
+
+Compression happens here, right after the layer's attention and from that layer's statistics, so no
+more than one layer's statistics ever exist at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backends import Backend, KeyStats
+from engine.cache import KVMemory, LayerMemory
+from models.rope import Rope
+from policies import Candidates, Policy, PolicyError
+
+POSITION_MODES = ("compact", "original")
+
+
+@dataclass(frozen=True)
+class AttentionSetup:
+    """What stays fixed for a whole prefill or generation."""
+
+    rope: Rope
+    backend: Backend
+    policy: Policy
+    positions: str  # "compact": renumber [sinks; memory; new] as 0..n-1; "original": true positions
+    window: int | None  # sliding window of the model, in key indices
+    num_layers: int
+
+
+class MemoryAttention:
+    """The callback for one forward pass over ``new`` tokens at step ``step`` with memory ``budget``."""
+
+    def __init__(self, memory: KVMemory, setup: AttentionSetup, *, budget: int | None, step: int) -> None:
+        self.memory = memory
+        self.setup = setup
+        self.budget = budget
+        self.step = step
+        self.start = memory.seen
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        setup, layer_memory = self.setup, self.memory.layers[layer]
+        new = q.shape[2]
+        original = torch.arange(self.start, self.start + new, device=q.device)
+        if setup.positions == "compact":
+            at = torch.arange(layer_memory.length, layer_memory.length + new, device=q.device)
+        else:
+            at = original
+        q = setup.rope.rotate(q, at)
+        layer_memory.append(k, setup.rope.rotate(k, at), v, original)
+        keys, values = layer_memory.rotated, layer_memory.values
+        attend = setup.backend.decode if new == 1 else setup.backend.prefill
+        result = attend(q, keys, values, window=setup.window)
+        self._compress(layer, layer_memory, q, keys, result.lse)
+        return result.out
+
+    def _compress(
+        self, layer: int, memory: LayerMemory, q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor | None
+    ) -> None:
+        policy = self.setup.policy
+        sinks = min(self.memory.sinks, self.start + q.shape[2])
+        size = memory.length - sinks
+        budget = (
+            None if self.budget is None else policy.layer_budget(self.budget, layer, self.setup.num_layers)
+        )
+        compress = budget is not None and size > budget
+        if not compress and not (policy.needs.every_step and self.budget is not None):
+            return
+        stats = None
+        if policy.needs.queries is not None:
+            mass, count = self.setup.backend.scores(
+                q, keys, lse=lse, last=policy.needs.last, window=self.setup.window
+            )
+            stats = KeyStats(mass[..., sinks:], count[sinks:])
+        candidates = Candidates(
+            layer=layer,
+            num_layers=self.setup.num_layers,
+            step=self.step,
+            keys=memory.keys[:, :, sinks:],
+            values=memory.values[:, :, sinks:],
+            positions=memory.positions[:, :, sinks:],
+            new=min(q.shape[2], size),
+            stats=stats,
+            state={name: memory.state(name)[:, :, sinks:] for name in policy.state},
+        )
+        policy.update(candidates)
+        if not compress:
+            return
+        keep = _checked(policy.select(candidates, budget), budget, size, policy)
+        sink_index = torch.arange(sinks, device=keep.device).expand(*keep.shape[:2], sinks)
+        memory.keep(torch.cat((sink_index, keep + sinks), dim=-1))
+        if self.setup.positions == "compact":
+            renumbered = torch.arange(memory.length, device=keep.device)
+            memory.set_rotated(self.setup.rope.rotate(memory.keys, renumbered))
+
+
+def _checked(keep: torch.Tensor, budget: int, size: int, policy: Policy) -> torch.Tensor:
+    """A plugin's selection must be [B, Hkv, k] sorted unique in-range indices with k <= budget."""
+    name = type(policy).__name__
+    if keep.dtype not in (torch.int64, torch.int32) or keep.dim() != 3:
+        raise PolicyError(
+            f"policy {name} returned {keep.dtype} of shape {tuple(keep.shape)}; expected int64 [B, Hkv, k]"
+        )
+    if keep.shape[-1] > budget:
+        raise PolicyError(f"policy {name} kept {keep.shape[-1]} tokens, over the budget of {budget}")
+    if keep.numel() and (keep.min() < 0 or keep.max() >= size or (keep.diff(dim=-1) <= 0).any()):
+        raise PolicyError(
+            f"policy {name} returned indices that are not sorted, unique and within 0..{size - 1}"
+        )
+    return keep.long()

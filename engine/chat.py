@@ -1,0 +1,247 @@
+"""``python -m engine.chat``: chat with a checkpoint, llama.cpp style.
+
+python -m engine.chat                                   # the default model, interactive
+python -m engine.chat -p "What is the capital of France?" -n 24 --temp 0
+python -m engine.chat -f report.txt --schedule imdc --policy snapkv --memory 512 --chunk 512 --stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import backends
+import policies
+import schedules
+from engine.generate import Sampling
+from engine.llm import LLM, Completion, load
+from engine.prefill import PrefillConfig
+from engine.registry import load_plugin
+from engine.session import ChatSession
+
+HELP = (
+    "commands: /reset (forget the conversation), /stats (last turn's numbers), /exit; Ctrl-C stops an answer"
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.chat", description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", help="checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-p", "--prompt", help="answer this one message and exit")
+    p.add_argument("-f", "--file", help="a document put in the context before the conversation")
+    p.add_argument("-sys", "--system-prompt", help="system message")
+    p.add_argument(
+        "-n", "--predict", type=int, default=-1, help="tokens to generate per answer (-1: until EOS)"
+    )
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling (0: off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (1: off)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling (0: off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1: off)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repetition penalty looks back")
+    p.add_argument("-s", "--seed", type=int, default=-1, help="sampling seed (-1: random)")
+    p.add_argument("--backend", default="auto", help=f"attention backend: {', '.join(backends.available())}")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--chat-template-file", help="a Jinja chat template replacing the checkpoint's")
+    long = p.add_argument_group("long context: chunked prefill into a compressed memory")
+    long.add_argument("--schedule", default="full", help="full, fixed, im, imdc, or a plugin's")
+    long.add_argument("--policy", default="none", help="none, streaming, snapkv, h2o, ..., or a plugin's")
+    long.add_argument("--memory", type=int, default=1024, help="memory budget M in tokens (sinks excluded)")
+    long.add_argument("--chunk", type=int, default=1024, help="chunk size c in tokens")
+    long.add_argument("--sinks", type=int, default=4, help="first tokens never evicted")
+    long.add_argument("--positions", default="compact", help="compact (renumber each step) or original")
+    long.add_argument(
+        "--decode-memory", type=int, help="also keep the memory within this budget while generating"
+    )
+    long.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE", help="policy option")
+    long.add_argument(
+        "--schedule-arg", action="append", default=[], metavar="KEY=VALUE", help="e.g. shape=sqrt"
+    )
+    long.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE", help="import a policy module"
+    )
+    long.add_argument("--stats", action="store_true", help="print per-step prefill stats after each answer")
+    return p
+
+
+def parse_options(pairs: Sequence[str], flag: str) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        options[key.strip()] = _value(text.strip())
+    return options
+
+
+def _value(text: str) -> object:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def prefill_config(args: argparse.Namespace) -> PrefillConfig:
+    for module in args.plugin:
+        load_plugin(module)
+    for name, registry in (("schedule", schedules), ("policy", policies)):
+        value = getattr(args, name)
+        if value not in registry.available():
+            raise ValueError(f"unknown {name} {value!r}; known: {', '.join(registry.available())}")
+    return PrefillConfig(
+        schedule=args.schedule,
+        policy=args.policy,
+        memory=args.memory,
+        chunk=args.chunk,
+        sinks=args.sinks,
+        positions=args.positions,
+        policy_args=parse_options(args.policy_arg, "--policy-arg"),
+        schedule_args=parse_options(args.schedule_arg, "--schedule-arg"),
+        decode_memory=args.decode_memory,
+    )
+
+
+def sampling(args: argparse.Namespace) -> Sampling:
+    return Sampling(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        seed=None if args.seed < 0 else args.seed,
+    )
+
+
+def format_stats(completion: Completion) -> str:
+    result = completion.prefill
+    lines = ["step  chunk  memory  seconds  peak MiB"]
+    lines += [
+        f"{s.index:>4}  {s.chunk:>5}  {s.memory:>6}  {s.seconds:>7.3f}  {s.peak_bytes / 2**20:>8.1f}"
+        for s in result.steps
+    ]
+    prompt = sum(s.chunk for s in result.steps)
+    produced = len(completion.token_ids)
+    lines.append(
+        f"prefill {prompt} tokens in {result.seconds:.2f} s "
+        f"({prompt / max(result.seconds, 1e-9):.1f} tok/s); "
+        f"decode {produced} tokens in {completion.decode_seconds:.2f} s "
+        f"({produced / max(completion.decode_seconds, 1e-9):.1f} tok/s); memory {completion.memory.kept()} "
+        f"tokens + {min(completion.memory.sinks, completion.memory.seen)} sinks "
+        f"({completion.memory.nbytes / 2**20:.1f} MiB)"
+    )
+    return "\n".join(lines)
+
+
+class Interrupts:
+    """While an answer is generated, Ctrl-C stops it; a second Ctrl-C before it stops exits."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+
+    def __enter__(self) -> threading.Event:
+        self.cancel.clear()
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self.cancel
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.cancel.is_set():
+            raise KeyboardInterrupt
+        self.cancel.set()
+
+
+def warn_if_beyond_window(llm: LLM, session: ChatSession, config: PrefillConfig) -> None:
+    if session.document is None or config.schedule != "full":
+        return
+    tokens = len(llm.tokenizer.encode(session.document, add_special=False))
+    window = llm.config.max_position_embeddings
+    if tokens > window:
+        print(
+            f"note: the document has {tokens} tokens, more than the model's {window}-token window; "
+            "try --schedule imdc --policy snapkv --memory 1024 --chunk 1024",
+            file=sys.stderr,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = prefill_config(args)
+    template = Path(args.chat_template_file).read_text(encoding="utf-8") if args.chat_template_file else None
+    document = Path(args.file).read_text(encoding="utf-8") if args.file else None
+    print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
+    llm = load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, chat_template=template)
+    session = ChatSession(
+        llm, prefill=config, sampling=sampling(args), system_prompt=args.system_prompt, document=document
+    )
+    warn_if_beyond_window(llm, session, config)
+    max_tokens = sys.maxsize if args.predict < 0 else args.predict
+    interrupts = Interrupts()
+
+    def answer(text: str) -> None:
+        with interrupts as cancel:
+            completion = session.ask(
+                text,
+                max_tokens=max_tokens,
+                on_text=lambda piece: print(piece, end="", flush=True),
+                cancel=cancel,
+            )
+        print(" [stopped]" if completion.finish_reason == "cancelled" else "", flush=True)
+        if args.stats:
+            print(format_stats(completion), file=sys.stderr)
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    if document is not None:
+        session.read_document()
+        print(f"read {session.document_prefill.memory.seen} tokens of {args.file}", file=sys.stderr)
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            text = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            print("conversation reset", file=sys.stderr)
+        elif command == "/stats":
+            print(format_stats(session.turns[-1]) if session.turns else "no answer yet", file=sys.stderr)
+        elif command:
+            answer(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:
+        if os.environ.get("ENGINE_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``LLM``: a loaded checkpoint with its tokenizer, and the prefill / generate / chat entry points."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import backends
+import schedules
+from engine.attention import AttentionSetup, MemoryAttention
+from engine.cache import KVMemory
+from engine.checkpoint import DTYPES, load_model
+from engine.config import ModelConfig
+from engine.generate import Sampler, Sampling, generate_tokens
+from engine.prefill import PrefillConfig, PrefillResult, run_prefill
+from engine.tokenizer import Tokenizer, load_tokenizer
+from models.rope import Rope
+from policies import Policy
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop", "length" or "cancelled"
+    prompt_tokens: int
+    prefill: PrefillResult
+    decode_seconds: float
+
+    @property
+    def memory(self) -> KVMemory:
+        """The memory after the answer: prompt (compressed) and every generated token."""
+        return self.prefill.memory
+
+
+class LLM:
+    def __init__(
+        self,
+        path: Path,
+        config: ModelConfig,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        backend: str = "auto",
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
+        self.backend, self.device, self.dtype = backend, device, dtype
+        self.rope = Rope(config.head_dim, config.rope, device)
+        self._resolved: dict[backends.AttentionSpec, backends.Backend] = {}
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = list(self.config.eos_token_ids)
+        if self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in ids:
+            ids.append(self.tokenizer.eos_id)
+        return tuple(ids)
+
+    def new_memory(self, sinks: int = 4) -> KVMemory:
+        c = self.config
+        return KVMemory(
+            c.num_layers, c.num_kv_heads, c.head_dim, sinks=sinks, dtype=self.dtype, device=self.device
+        )
+
+    def attention_setup(self, policy: Policy, positions: str = "compact") -> AttentionSetup:
+        spec = backends.AttentionSpec(
+            head_dim=self.config.head_dim,
+            group=self.config.group,
+            dtype=self.dtype,
+            device=self.device.type,
+            window=self.model.sliding_window,
+            stats=policy.needs.queries is not None,
+        )
+        if spec not in self._resolved:
+            self._resolved[spec] = backends.resolve(self.backend, spec)
+        return AttentionSetup(
+            self.rope,
+            self._resolved[spec],
+            policy,
+            positions,
+            self.model.sliding_window,
+            self.config.num_layers,
+        )
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Full-attention float32 logits for every position [len(ids), vocab]."""
+        tokens = self._tensor(ids)
+        setup = self.attention_setup(PrefillConfig().build_policy())
+        plan = [schedules.Step(tokens.shape[1], None)]
+        return run_prefill(self.model, self.new_memory(0), tokens, plan, setup, all_logits=True).logits[0]
+
+    def prefill(
+        self,
+        ids: Sequence[int],
+        config: PrefillConfig | None = None,
+        *,
+        memory: KVMemory | None = None,
+        progress: bool = False,
+    ) -> PrefillResult:
+        """Feed ``ids`` into ``memory`` (a new one if None) by ``config``'s schedule and policy."""
+        config = config or PrefillConfig()
+        continuing = memory is not None and memory.seen > 0
+        memory = memory if memory is not None else self.new_memory(config.sinks)
+        tokens = self._tensor(ids)
+        setup = self.attention_setup(config.build_policy(), config.positions)
+        plan = config.plan(tokens.shape[1], continuing=continuing)
+        return run_prefill(self.model, memory, tokens, plan, setup, progress=progress)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        prefill: PrefillConfig | None = None,
+        sampling: Sampling | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        progress: bool = False,
+    ) -> Completion:
+        """Complete ``prompt`` (text, encoded as the tokenizer does, or token ids) without a chat template."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        result = self.prefill(ids, prefill, progress=progress)
+        return self.complete(
+            result, ids, prefill=prefill, sampling=sampling, max_tokens=max_tokens, stop=stop,
+            on_text=on_text, cancel=cancel,
+        )  # fmt: skip
+
+    def chat(self, messages: Sequence[dict[str, str]], **options) -> Completion:
+        """Answer a conversation (``[{"role": ..., "content": ...}, ...]``) rendered by the chat template."""
+        return self.generate(self.tokenizer.encode_chat(messages), **options)
+
+    def complete(
+        self,
+        result: PrefillResult,
+        history: Sequence[int],
+        *,
+        prefill: PrefillConfig | None = None,
+        sampling: Sampling | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Completion:
+        """Generate after a prefill, appending every generated token to ``result.memory``."""
+        config = prefill or PrefillConfig()
+        memory = result.memory
+        setup = self.attention_setup(config.build_policy(), config.positions)
+        slack = None if config.decode_memory is None else max(16, config.decode_memory // 8)
+
+        @torch.inference_mode()
+        def step(token: int) -> torch.Tensor:
+            # Compress back to the decode budget only once it is exceeded by ``slack`` tokens.
+            due = config.decode_memory is not None and memory.kept() >= config.decode_memory + slack
+            attend = MemoryAttention(
+                memory, setup, budget=config.decode_memory if due else None, step=memory.seen
+            )
+            logits = self.model(self._tensor([token]), attend)
+            memory.seen += 1
+            return logits[0]
+
+        started = time.perf_counter()
+        generated = generate_tokens(
+            step, result.logits[0], Sampler(sampling or Sampling()), self.tokenizer.stream_decoder(),
+            history=history, max_tokens=max_tokens, eos_ids=self.eos_ids, stop=stop, on_text=on_text,
+            cancel=cancel,
+        )  # fmt: skip
+        return Completion(
+            generated.text, generated.token_ids, generated.finish_reason, len(history), result,
+            time.perf_counter() - started,
+        )  # fmt: skip
+
+    def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    backend: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    chat_template: str | None = None,
+) -> LLM:
+    """Load a checkpoint directory (the default model when ``model`` is None) into an ``LLM``."""
+    from engine.default_model import default_model_dir
+
+    if backend not in backends.available():
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(backends.available())}")
+    if isinstance(dtype, str):
+        aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+        name = aliases.get(dtype, dtype)
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[name]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = Path(model) if model is not None else default_model_dir()
+    config, module = load_model(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path, chat_template=chat_template)
+    return LLM(
+        path, config, module, tokenizer, backend=backend, device=device, dtype=module.lm_head.weight.dtype
+    )

@@ -1,0 +1,123 @@
+"""Chunked prefill: feed the prompt step by step as a schedule plans it, compressing after each step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import policies
+import schedules
+from engine.attention import POSITION_MODES, AttentionSetup, MemoryAttention
+from engine.cache import KVMemory
+from engine.peak_memory import peak_bytes, reset_peak
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """How a prompt is prefilled and how much memory it may keep.
+
+    ``memory`` and ``chunk`` are the schedule's M and c in tokens (sinks not counted); ``sinks`` first
+    tokens are never evicted; ``positions`` is "compact" (renumber every step: any length fits the
+    model's window) or "original". ``decode_memory`` bounds the memory during generation as well.
+    """
+
+    schedule: str = "full"
+    policy: str = "none"
+    memory: int = 1024
+    chunk: int = 1024
+    sinks: int = 4
+    positions: str = "compact"
+    policy_args: Mapping[str, Any] = field(default_factory=dict)
+    schedule_args: Mapping[str, Any] = field(default_factory=dict)
+    decode_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("memory", "chunk", "sinks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "chunk" else 0):
+                kind = "a positive" if name == "chunk" else "a non-negative"
+                raise ValueError(f"{name} must be {kind} number of tokens, got {value!r}")
+        if self.decode_memory is not None and (
+            not isinstance(self.decode_memory, int) or self.decode_memory < 0
+        ):
+            raise ValueError(
+                f"decode_memory must be a non-negative number of tokens, got {self.decode_memory!r}"
+            )
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+        self.build_schedule()
+        self.build_policy()
+
+    def build_schedule(self) -> schedules.Schedule:
+        return schedules.get(self.schedule, memory=self.memory, chunk=self.chunk, **self.schedule_args)
+
+    def build_policy(self) -> policies.Policy:
+        return policies.get(self.policy, **self.policy_args)
+
+    def plan(self, length: int, *, continuing: bool) -> list[schedules.Step]:
+        """The steps for ``length`` new tokens. A memory that already holds context (a later turn) is
+        never squeezed below ``memory``: growth shapes only make sense from an empty memory."""
+        steps = self.build_schedule().plan(length)
+        if not continuing:
+            return steps
+        return [
+            schedules.Step(step.chunk, None if step.memory is None else max(step.memory, self.memory))
+            for step in steps
+        ]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    index: int
+    chunk: int  # new prompt tokens fed
+    memory: int  # tokens kept afterwards, sinks excluded (the largest layer)
+    seconds: float
+    peak_bytes: int  # CUDA allocator peak, or the process's peak RSS on the CPU
+
+
+@dataclass
+class PrefillResult:
+    memory: KVMemory
+    logits: torch.Tensor  # [B, V] of the last token, or [B, L, V] with all_logits
+    steps: list[StepStats]
+
+    @property
+    def seconds(self) -> float:
+        return sum(step.seconds for step in self.steps)
+
+
+@torch.inference_mode()
+def run_prefill(
+    model: nn.Module,
+    memory: KVMemory,
+    ids: torch.Tensor,
+    plan: list[schedules.Step],
+    setup: AttentionSetup,
+    *,
+    all_logits: bool = False,
+    progress: bool = False,
+) -> PrefillResult:
+    """Feed ``ids`` [B, L] into ``memory`` step by step; the attention callback compresses each layer."""
+    device = ids.device
+    steps: list[StepStats] = []
+    logits = []
+    offset = 0
+    with tqdm(total=ids.shape[1], desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+        for index, step in enumerate(plan):
+            reset_peak(device)
+            started = time.perf_counter()
+            attend = MemoryAttention(memory, setup, budget=step.memory, step=index)
+            logits.append(model(ids[:, offset : offset + step.chunk], attend, all_logits=all_logits))
+            memory.seen += step.chunk
+            offset += step.chunk
+            peak = peak_bytes(device)
+            steps.append(StepStats(index, step.chunk, memory.kept(), time.perf_counter() - started, peak))
+            bar.update(step.chunk)
+            bar.set_postfix(memory=memory.kept())
+    return PrefillResult(memory, torch.cat(logits, dim=1) if all_logits else logits[-1], steps)

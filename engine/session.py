@@ -1,0 +1,102 @@
+"""A conversation over one KV memory: each turn's new text is prefilled against what the memory holds.
+
+The memory is never rebuilt between turns (after a long document it is compressed and can't be). The
+new tokens of a turn are the rendered conversation minus the text the memory already holds, which
+works for templates that render a conversation's prefix the same way whatever follows (ChatML,
+Llama, Mistral do). When a template doesn't, the conversation is prefilled again from the start.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+
+from engine.generate import Sampling
+from engine.llm import LLM, Completion
+from engine.prefill import PrefillConfig, PrefillResult
+
+# Marks where the document ends inside the first user message when rendering the document alone.
+_DOCUMENT_END = "\x00document-end\x00"
+
+
+class ChatSession:
+    def __init__(
+        self,
+        llm: LLM,
+        *,
+        prefill: PrefillConfig | None = None,
+        sampling: Sampling | None = None,
+        system_prompt: str | None = None,
+        document: str | None = None,
+    ) -> None:
+        self.llm = llm
+        self.prefill_config = prefill or PrefillConfig()
+        self.sampling = sampling or Sampling()
+        self.system_prompt = system_prompt
+        self.document = document
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the document, if any, is read again on the next turn)."""
+        self.messages: list[dict[str, str]] = []
+        if self.system_prompt:
+            self.messages.append({"role": "system", "content": self.system_prompt})
+        self.memory = None
+        self.memory_text = ""  # the rendered text whose tokens the memory holds
+        self.history: list[int] = []  # those tokens
+        self.turns: list[Completion] = []
+        self.document_prefill: PrefillResult | None = None
+
+    def read_document(self, *, progress: bool = True) -> PrefillResult | None:
+        """Prefill the document (the start of the first user message) before any question is asked."""
+        if self.document is None or self.memory is not None:
+            return None
+        first = {"role": "user", "content": self.document + _DOCUMENT_END}
+        rendered = self.llm.tokenizer.render_chat([*self.messages, first], add_generation_prompt=False)
+        prefix = rendered[: rendered.index(_DOCUMENT_END)]
+        self.document_prefill = self._feed(prefix, self.llm.tokenizer.encode_rendered(prefix), progress)
+        return self.document_prefill
+
+    def ask(
+        self,
+        text: str,
+        *,
+        max_tokens: int,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        progress: bool = True,
+    ) -> Completion:
+        """Answer the next user message; the answer joins the conversation even when cancelled."""
+        if self.document is not None and not self.turns:
+            self.read_document(progress=progress)
+            text = f"{self.document}\n\n{text}"
+        messages = [*self.messages, {"role": "user", "content": text}]
+        target = self.llm.tokenizer.render_chat(messages, add_generation_prompt=True)
+        if self.memory is not None and target.startswith(self.memory_text):
+            delta = target[len(self.memory_text) :]
+            result = self._feed(delta, self.llm.tokenizer.encode(delta, add_special=False), progress)
+        else:
+            if self.memory is not None:
+                print(
+                    "note: the chat template re-renders earlier turns; reading the conversation again",
+                    file=sys.stderr,
+                )
+                self.memory, self.memory_text, self.history = None, "", []
+            result = self._feed(target, self.llm.tokenizer.encode_rendered(target), progress)
+        completion = self.llm.complete(
+            result, self.history, prefill=self.prefill_config, sampling=self.sampling, max_tokens=max_tokens,
+            on_text=on_text, cancel=cancel,
+        )  # fmt: skip
+        self.history += completion.token_ids
+        self.memory_text += self.llm.tokenizer.decode(completion.token_ids, skip_special=False)
+        self.messages = [*messages, {"role": "assistant", "content": completion.text}]
+        self.turns.append(completion)
+        return completion
+
+    def _feed(self, text: str, ids: list[int], progress: bool) -> PrefillResult:
+        result = self.llm.prefill(ids, self.prefill_config, memory=self.memory, progress=progress)
+        self.memory = result.memory
+        self.memory_text += text
+        self.history += ids
+        return result

@@ -1,0 +1,119 @@
+"""Chunked prefill into a compressed memory, on tiny random checkpoints."""
+
+import pytest
+import torch
+from tiny import write_tiny_checkpoint
+
+import engine
+import policies
+from engine import GREEDY, PrefillConfig
+
+IDS = torch.randint(3, 320, (90,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def llm(request, tmp_path_factory):
+    overrides = {"sliding_window": 20} if request.param == "mistral" else {}
+    directory = write_tiny_checkpoint(
+        tmp_path_factory.mktemp(request.param) / "ckpt", request.param, **overrides
+    )
+    return engine.load(directory, backend="reference")
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("schedule", ["fixed", "im", "imdc"])
+def test_chunked_prefill_without_eviction_equals_one_shot(llm, schedule, positions):
+    one_shot = llm.logits(IDS)[-1]
+    memory = len(IDS) if schedule == "fixed" else 17  # imdc needs M close to c; "none" keeps all anyway
+    config = PrefillConfig(schedule=schedule, policy="none", memory=memory, chunk=17, positions=positions)
+    result = llm.prefill(IDS, config)
+    assert len(result.steps) > 1 and sum(step.chunk for step in result.steps) == len(IDS)
+    assert (result.logits[0] - one_shot).abs().max() <= 1e-4
+    if schedule == "fixed":  # a fixed budget of at least L is never reached: nothing is evicted
+        config = PrefillConfig(
+            schedule=schedule, policy="snapkv", memory=len(IDS), chunk=17, positions=positions
+        )
+        assert (llm.prefill(IDS, config).logits[0] - one_shot).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(set(policies.available()) - {"none"}))
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_every_policy_keeps_memory_within_budget_and_in_order(llm, name, positions):
+    config = PrefillConfig(schedule="fixed", policy=name, memory=12, chunk=16, sinks=3, positions=positions)
+    result = llm.prefill(IDS, config)
+    policy = config.build_policy()
+    for index, layer in enumerate(result.memory.layers):
+        budget = policy.layer_budget(12, index, len(result.memory.layers))
+        assert layer.length <= 3 + budget
+        positions_kept = layer.positions
+        assert (positions_kept[..., :3] == torch.arange(3)).all(), "sinks are kept first"
+        assert (positions_kept.diff(dim=-1) > 0).all(), "kept tokens stay in original order"
+        expected = torch.arange(layer.length) if positions == "compact" else positions_kept
+        assert torch.allclose(layer.rotated, llm.rope.rotate(layer.keys, expected), atol=1e-6)
+    assert all(step.memory <= 2 * 12 for step in result.steps)
+
+
+def test_step_stats_follow_the_schedule(llm):
+    config = PrefillConfig(schedule="imdc", policy="streaming", memory=24, chunk=24)
+    result = llm.prefill(IDS, config)
+    plan = config.build_schedule().plan(len(IDS))
+    assert [s.chunk for s in result.steps] == [s.chunk for s in plan]
+    assert [s.memory for s in result.steps] == [min(s.memory, sum(p.chunk for p in plan[: i + 1]) - 4)
+                                                for i, s in enumerate(plan)]  # fmt: skip
+    assert all(s.seconds > 0 and s.peak_bytes > 0 for s in result.steps)
+
+
+def test_prefill_continues_an_existing_memory(llm):
+    whole = llm.prefill(IDS, PrefillConfig(schedule="fixed", chunk=16))
+    first = llm.prefill(IDS[:50], PrefillConfig(schedule="fixed", chunk=16))
+    rest = llm.prefill(IDS[50:], PrefillConfig(schedule="fixed", chunk=16), memory=first.memory)
+    assert rest.memory.seen == len(IDS)
+    assert (rest.logits - whole.logits).abs().max() <= 1e-4
+
+
+def test_continuing_never_squeezes_memory_below_the_budget():
+    config = PrefillConfig(schedule="im", memory=64, chunk=8)
+    assert [s.memory for s in config.plan(32, continuing=True)] == [64, 64, 64, 64]
+    assert [s.memory for s in config.plan(32, continuing=False)] == [16, 32, 48, 64]
+
+
+def test_generation_after_chunked_prefill_matches_one_shot(llm):
+    one_shot = llm.generate(IDS, sampling=GREEDY, max_tokens=8)
+    chunked = llm.generate(
+        IDS, prefill=PrefillConfig(schedule="fixed", chunk=13), sampling=GREEDY, max_tokens=8
+    )
+    assert chunked.token_ids == one_shot.token_ids and len(one_shot.token_ids) > 0
+
+
+def test_decode_budget_bounds_memory_during_generation(llm):
+    config = PrefillConfig(schedule="fixed", policy="streaming", memory=16, chunk=16, decode_memory=20)
+    completion = llm.generate(IDS, prefill=config, sampling=GREEDY, max_tokens=60)
+    slack = max(16, 20 // 8)
+    assert completion.memory.seen == len(IDS) + len(completion.token_ids)
+    assert all(layer.length <= 4 + 20 + slack for layer in completion.memory.layers)
+    streaming = PrefillConfig(schedule="fixed", policy="streaming", memory=16, chunk=16)
+    unbounded = llm.generate(IDS, prefill=streaming, sampling=GREEDY, max_tokens=60)
+    assert unbounded.memory.kept() == 16 + len(unbounded.token_ids)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"chunk": 0}, "chunk must be a positive number of tokens"),
+        ({"memory": -1}, "memory must be a non-negative number of tokens"),
+        ({"sinks": -2}, "sinks must be a non-negative"),
+        ({"positions": "absolute"}, "positions must be one of compact, original"),
+        ({"schedule": "weekly"}, "unknown schedule 'weekly'; known: .*imdc"),
+        ({"policy": "oracle"}, "unknown policy 'oracle'; known: .*snapkv"),
+        ({"policy": "snapkv", "policy_args": {"windw": 3}}, "has no option windw; options: window, kernel"),
+        ({"decode_memory": -5}, "decode_memory must be a non-negative"),
+    ],
+)
+def test_bad_prefill_settings_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        PrefillConfig(**options)
+
+
+def test_empty_prompt_is_refused(llm):
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        llm.prefill([])
