@@ -1,0 +1,242 @@
+"""Split-K "flash decoding": one query row per sequence against the whole cache.
+
+A single query row gives a prefill-style grid one program per head, far too few to keep a GPU busy
+on a long cache. Here the visible keys are cut into splits; one program handles one split for all
+query heads of a KV group at once (the group's rows share each K/V tile it loads) and writes a
+partial (max, sum, weighted values). A second, small kernel merges the splits of each head into the
+output and the LSE.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton.runtime import (
+    INTERPRETED,
+    LN2_IN_KERNEL,
+    LOG2E,
+    autotune,
+    dot_precision,
+    length_bucket,
+    rounded_to,
+    tile_bytes,
+)
+
+# tl.dot needs at least 16 rows on a GPU: a group of fewer query heads is padded up to this.
+MIN_GROUP_ROWS = 16
+MAX_SPLITS = 64
+# Programs to aim for when no GPU says how many it runs at once (the interpreter): enough that
+# several splits get merged, few enough to stay quick.
+INTERPRETER_PROGRAMS = 8
+
+
+def _block_n(head_dim: int) -> int:
+    if INTERPRETED:
+        return 32
+    return 32 if head_dim > 128 else 64
+
+
+def _shared_memory(config: triton.Config, args: dict) -> int:
+    head_dim, stages = args["HEAD_DIM"], max(config.num_stages, 1)
+    return 2 * stages * tile_bytes(args, "k_ptr", args["BLOCK_N"], head_dim)
+
+
+_GPU_CONFIGS = [
+    triton.Config({}, num_warps=4, num_stages=2),
+    triton.Config({}, num_warps=4, num_stages=3),
+    triton.Config({}, num_warps=8, num_stages=3),
+]
+
+
+@autotune(
+    _GPU_CONFIGS,
+    triton.Config({}, num_warps=1, num_stages=1),
+    key=["HEAD_DIM", "GROUP_ROWS", "split_bucket"],
+    shared_memory=_shared_memory,
+)
+@triton.jit(do_not_specialize=["splits", "first_key", "k_len", "split_len", "split_bucket"])
+def _split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    kv_heads,
+    group,
+    splits,
+    first_key,
+    k_len,
+    split_len,
+    qk_scale,
+    split_bucket,
+    HEAD_DIM: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    batch = tl.program_id(1) // kv_heads
+    kv_head = tl.program_id(1) % kv_heads
+    members = tl.arange(0, GROUP_ROWS)
+    real = members < group
+    heads = (kv_head * group + members).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = q_ptr + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=real[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    start = first_key + split * split_len
+    end = tl.minimum(start + split_len, k_len)
+    m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
+    # Every block holds at least one key of the split, so each row's running max is finite after it.
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        inside = keys < end
+        key_offsets = keys.to(tl.int64)
+        k = tl.load(
+            k_base + key_offsets[None, :] * stride_kn + dims[:, None] * stride_kd,
+            mask=inside[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + key_offsets[:, None] * stride_vn + dims[None, :] * stride_vd,
+            mask=inside[:, None],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(inside[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.math.exp2(scores - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Partials are contiguous [B, Hq, splits] and [B, Hq, splits, D].
+    part = (batch.to(tl.int64) * kv_heads * group + heads) * splits + split
+    tl.store(part_m_ptr + part, m_i, mask=real)
+    tl.store(part_l_ptr + part, l_i, mask=real)
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=real[:, None])
+
+
+@triton.jit(do_not_specialize=["splits"])
+def _merge_kernel(
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    q_heads,
+    splits,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    row = tl.program_id(0)
+    batch = row // q_heads
+    head = row % q_heads
+    parts = tl.arange(0, SPLITS)
+    real = parts < splits
+    dims = tl.arange(0, HEAD_DIM)
+    part = row.to(tl.int64) * splits + parts
+    m = tl.load(part_m_ptr + part, mask=real, other=float("-inf"))
+    sums = tl.load(part_l_ptr + part, mask=real, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=real[:, None], other=0.0)
+    m_all = tl.max(m, 0)
+    weight = tl.math.exp2(m - m_all)
+    l_all = tl.sum(sums * weight, 0)
+    result = tl.sum(acc * weight[:, None], 0) / l_all
+    out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    tl.store(out_base + dims * stride_od, rounded_to(result, out_ptr.dtype.element_ty, UPCAST))
+    tl.store(
+        lse_ptr + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh,
+        (m_all + tl.math.log2(l_all)) * LN2_IN_KERNEL,
+    )
+
+
+def _split_count(visible: int, block_n: int, kv_programs: int, device: torch.device) -> int:
+    """Splits per KV head: enough programs to fill the GPU about four times over, at least a block each."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = INTERPRETER_PROGRAMS
+    return max(1, min(triton.cdiv(visible, block_n), triton.cdiv(target, kv_programs), MAX_SPLITS))
+
+
+def decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output [B, Hq, 1, D] (into ``out`` when given) and float32 LSE [B, Hq, 1] of the single query
+    row at the end of the cache. The window is assumed positive and the cache non-empty."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, q_heads, 1, dtype=torch.float32, device=q.device)
+    if batch * q_heads == 0:
+        return out, lse
+
+    first_key = 0 if window is None else max(0, k_len - window)
+    block_n = _block_n(head_dim)
+    splits = _split_count(k_len - first_key, block_n, batch * kv_heads, q.device)
+    split_len = triton.cdiv(triton.cdiv(k_len - first_key, splits), block_n) * block_n
+    splits = triton.cdiv(k_len - first_key, split_len)
+
+    part_m = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    _split_kernel[(splits, batch * kv_heads)](
+        q, k, v, part_m, part_l, part_acc,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
+        kv_heads, group, splits, first_key, k_len, split_len, scale * LOG2E,
+        length_bucket(split_len),
+        HEAD_DIM=head_dim,
+        GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
+        UPCAST=INTERPRETED,
+        DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_N=block_n,
+    )  # fmt: skip
+    _merge_kernel[(batch * q_heads,)](
+        part_m, part_l, part_acc, out, lse,
+        out.stride(0), out.stride(1), out.stride(3), lse.stride(0), lse.stride(1),
+        q_heads, splits,
+        HEAD_DIM=head_dim,
+        SPLITS=triton.next_power_of_2(splits),
+        UPCAST=INTERPRETED,
+    )  # fmt: skip
+    return out, lse

@@ -1,0 +1,83 @@
+"""How the kernels run: compiled for a GPU, or simulated on the CPU by Triton's interpreter.
+
+The choice is fixed when the kernel modules are imported (``@triton.jit`` reads ``TRITON_INTERPRET``),
+so everything here is decided once, at import. The interpreter differs from the GPU in ways the
+kernels must respect: it computes bfloat16 arithmetic on raw bit patterns (every load is upcast to
+float32 there, the kernels' ``UPCAST``), it truncates float32 to bfloat16 instead of rounding to
+nearest, and it cannot benchmark, so autotuning gets a single config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+LOG2E = 1.4426950408889634
+# Constants for use inside kernels, which may only read globals that are constexpr.
+LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
+LN2_IN_KERNEL = tl.constexpr(0.6931471805599453)
+
+# Shared memory per block when the device does not say (the smallest opt-in limit of recent NVIDIA
+# consumer GPUs); A100 and H100 report 163 and 227 KiB.
+DEFAULT_SHARED_MEMORY = 99 * 1024
+
+
+def shared_memory_limit(tensor: torch.Tensor) -> int:
+    """Bytes of shared memory one program may use on ``tensor``'s GPU."""
+    properties = torch.cuda.get_device_properties(tensor.device)
+    return getattr(properties, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY)
+
+
+def autotune(
+    gpu_configs: list[triton.Config],
+    interpreter_config: triton.Config,
+    key: list[str],
+    shared_memory: Callable[[triton.Config, dict], int],
+) -> Callable:
+    """``triton.autotune`` over ``gpu_configs`` keyed on ``key`` (and the tensors' dtypes), pruned to
+    the configs whose ``shared_memory(config, args)`` estimate fits the device (the smallest if none
+    does); under the interpreter, which cannot benchmark, just ``interpreter_config``."""
+    if INTERPRETED:
+        return triton.autotune(configs=[interpreter_config], key=[])
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        limit = shared_memory_limit(next(value for value in args.values() if isinstance(value, torch.Tensor)))
+        fitting = [config for config in configs if shared_memory(config, args) <= limit]
+        return fitting or [min(configs, key=lambda config: shared_memory(config, args))]
+
+    return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune})
+
+
+@triton.jit
+def rounded_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Float32 ``x`` in ``dtype``, rounded to nearest even as on the GPU. The interpreter (``UPCAST``)
+    truncates to bfloat16, so there the rounding is applied to the bits first."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """``tl.dot``'s input precision: float32 inputs must not be rounded to TF32 (the GPU default), so
+    that float32 results match the float32 reference; other dtypes keep the default."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def length_bucket(length: int) -> int:
+    """An autotune key for a length: the next power of two, so that a chunked prefill whose key
+    length grows every step retunes a handful of times, not once per step. (For the same reason the
+    kernels do not specialise on lengths: each new divisibility by 16 would compile a new variant.)"""
+    return triton.next_power_of_2(max(length, 1))
+
+
+def tile_bytes(args: dict, tensor: str, rows: int, head_dim: int) -> int:
+    """Bytes of a [rows, head_dim] tile of the tensor argument named ``tensor``."""
+    return rows * head_dim * args[tensor].element_size()

@@ -1,0 +1,168 @@
+"""Per-key attention mass: how much softmax probability each key receives from the scored queries.
+
+One program owns ``BLOCK_N`` keys of one KV head. It recomputes QKᵀ for every query head of that
+KV group and every scored query row that can see one of its keys, turns the scores into
+probabilities with the rows' LSE from the forward pass, and sums them down the columns in a
+float32 register vector. Each key's total is written once: no atomics, the same bits every run,
+and no attention matrix in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton.runtime import (
+    INTERPRETED,
+    LOG2E,
+    LOG2E_IN_KERNEL,
+    autotune,
+    dot_precision,
+    length_bucket,
+    tile_bytes,
+)
+
+
+def _shared_memory(config: triton.Config, args: dict) -> int:
+    head_dim, stages = args["HEAD_DIM"], max(config.num_stages, 1)
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return tile_bytes(args, "k_ptr", block_n, head_dim) + stages * tile_bytes(
+        args, "q_ptr", block_m, head_dim
+    )
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+_GPU_CONFIGS = [
+    _config(64, 128, 8, 3),
+    _config(64, 64, 4, 3),
+    _config(128, 64, 8, 2),
+    _config(32, 128, 4, 3),
+    _config(32, 32, 4, 1),  # float32 at head dim 256 fits nothing larger
+]
+
+
+@autotune(
+    _GPU_CONFIGS,
+    _config(64, 64, 1, 1),
+    key=["HEAD_DIM", "q_len_bucket", "k_len_bucket", "WINDOWED"],
+    shared_memory=_shared_memory,
+)
+@triton.jit(do_not_specialize=["q_len", "k_len", "window", "q_len_bucket", "k_len_bucket"])
+def _key_mass_kernel(
+    q_ptr,
+    k_ptr,
+    lse_ptr,
+    mass_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_mb,
+    stride_mh,
+    stride_mn,
+    kv_heads,
+    group,
+    q_len,
+    k_len,
+    window,
+    qk_scale,
+    q_len_bucket,
+    k_len_bucket,
+    HEAD_DIM: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    block = tl.program_id(0)
+    batch = tl.program_id(1) // kv_heads
+    kv_head = tl.program_id(1) % kv_heads
+    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    offset = k_len - q_len
+
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    k_ptrs = k_base + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
+    k = tl.load(k_ptrs, mask=keys[None, :] < k_len, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+
+    # Query rows that see at least one of this block's keys: at or after the first key, and
+    # (with a window) less than ``window`` after the last one.
+    last_key = tl.minimum(block * BLOCK_N + BLOCK_N, k_len) - 1
+    row_lo = tl.maximum(block * BLOCK_N - offset, 0)
+    row_hi = tl.minimum(last_key + window - offset, q_len) if WINDOWED else q_len
+
+    mass = tl.zeros([BLOCK_N], tl.float32)
+    for member in range(group):
+        head = (kv_head * group + member).to(tl.int64)
+        q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh
+        lse_base = lse_ptr + batch.to(tl.int64) * stride_lb + head * stride_lh
+        for start_m in range(row_lo, row_hi, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            real = rows < row_hi
+            q_ptrs = q_base + rows.to(tl.int64)[:, None] * stride_qm + dims[None, :] * stride_qd
+            q = tl.load(q_ptrs, mask=real[:, None], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            lse = tl.load(lse_base + rows.to(tl.int64) * stride_lm, mask=real, other=0.0) * LOG2E_IN_KERNEL
+            scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            # Keys past k_len are never seen: a real row's position is at most k_len - 1.
+            rows_at = rows + offset
+            seen = (keys[None, :] <= rows_at[:, None]) & real[:, None]
+            if WINDOWED:
+                seen = seen & (rows_at[:, None] - keys[None, :] < window)
+            mass += tl.sum(tl.where(seen, tl.math.exp2(scores - lse[:, None]), 0.0), 0)
+
+    mass_base = mass_ptr + batch.to(tl.int64) * stride_mb + kv_head.to(tl.int64) * stride_mh
+    tl.store(mass_base + keys.to(tl.int64) * stride_mn, mass, mask=keys < k_len)
+
+
+def key_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    window: int | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Float32 mass [B, Hkv, Lk] summed over every row of ``q`` (whose float32 natural-log row LSE is
+    ``lse`` [B, Hq, Lq]) and over each KV group's query heads; into ``out`` when given.
+
+    Scoring the last w rows is scoring ``q[:, :, -w:]`` with ``lse[..., -w:]``: the causal diagonal is
+    aligned bottom-right, so dropping leading rows moves no row's position.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    mass = torch.empty(batch, kv_heads, k_len, dtype=torch.float32, device=q.device) if out is None else out
+    if k_len == 0 or batch * kv_heads == 0:
+        return mass
+    if q_len == 0:
+        return mass.zero_()
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads
+
+    _key_mass_kernel[grid](
+        q, k, lse, mass,
+        *q.stride(), *k.stride(), *lse.stride(), *mass.stride(),
+        kv_heads, q_heads // kv_heads, q_len, k_len, window or 0, scale * LOG2E,
+        length_bucket(q_len), length_bucket(k_len),
+        HEAD_DIM=head_dim,
+        WINDOWED=window is not None,
+        UPCAST=INTERPRETED,
+        DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+    return mass
