@@ -31,49 +31,78 @@ class AttentionSetup:
 
 
 class MemoryAttention:
-    """The callback for one forward pass over ``new`` tokens at step ``step`` with memory ``budget``."""
+    """The callback for one forward pass at step ``step`` that keeps ``budget`` tokens per layer.
 
-    def __init__(self, memory: KVMemory, setup: AttentionSetup, *, budget: int | None, step: int) -> None:
+    The tokens fed are new prompt tokens, then ``observers`` tokens that only observe: the question,
+    run after a chunk so that the policy scores with its attention (query-aware compression, as in
+    FINCH). Observers are dropped from the memory once their statistics are taken. ``query_rows``
+    (observers, or the question's rows of the last chunk) overrides which query rows the statistics
+    come from; by default the policy's ``needs`` decide.
+    """
+
+    def __init__(
+        self,
+        memory: KVMemory,
+        setup: AttentionSetup,
+        *,
+        budget: int | None,
+        step: int,
+        observers: torch.Tensor | None = None,
+        query_rows: int | None = None,
+    ) -> None:
         self.memory = memory
         self.setup = setup
         self.budget = budget
         self.step = step
         self.start = memory.seen
+        self.observer_positions = observers  # original positions of the observing tokens
+        self.observers = 0 if observers is None else observers.numel()
+        self.query_rows = query_rows
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         setup, layer_memory = self.setup, self.memory.layers[layer]
-        new = q.shape[2]
+        new = q.shape[2] - self.observers
         original = torch.arange(self.start, self.start + new, device=q.device)
+        if self.observers:
+            original = torch.cat((original, self.observer_positions.to(q.device)))
         if setup.positions == "compact":
-            at = torch.arange(layer_memory.length, layer_memory.length + new, device=q.device)
+            at = torch.arange(layer_memory.length, layer_memory.length + q.shape[2], device=q.device)
         else:
             at = original
         q = setup.rope.rotate(q, at)
         layer_memory.append(k, setup.rope.rotate(k, at), v, original)
         keys, values = layer_memory.rotated, layer_memory.values
-        attend = setup.backend.decode if new == 1 else setup.backend.prefill
+        attend = setup.backend.decode if q.shape[2] == 1 else setup.backend.prefill
         result = attend(q, keys, values, window=setup.window)
-        self._compress(layer, layer_memory, q, keys, result.lse)
+        self._compress(layer, layer_memory, q, keys, result.lse, new)
         return result.out
 
     def _compress(
-        self, layer: int, memory: LayerMemory, q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor | None
+        self,
+        layer: int,
+        memory: LayerMemory,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        lse: torch.Tensor | None,
+        new: int,
     ) -> None:
         policy = self.setup.policy
-        sinks = min(self.memory.sinks, self.start + q.shape[2])
-        size = memory.length - sinks
+        kept = memory.length - self.observers
+        sinks = min(self.memory.sinks, self.start + new)
+        size = kept - sinks
         budget = (
             None if self.budget is None else policy.layer_budget(self.budget, layer, self.setup.num_layers)
         )
         compress = budget is not None and size > budget
-        if not compress and not (policy.needs.every_step and self.budget is not None):
-            return
+        observed = compress or (policy.needs.every_step and self.budget is not None)
         stats = None
-        if policy.needs.queries is not None:
-            mass, count = self.setup.backend.scores(
-                q, keys, lse=lse, last=policy.needs.last, window=self.setup.window
-            )
-            stats = KeyStats(mass[..., sinks:], count[sinks:])
+        if policy.needs.queries is not None and observed:
+            last = self.query_rows if self.query_rows is not None else policy.needs.last
+            mass, count = self.setup.backend.scores(q, keys, lse=lse, last=last, window=self.setup.window)
+            stats = KeyStats(mass[..., sinks:kept], count[sinks:kept])
+        memory.truncate(kept)
+        if not observed:
+            return
         candidates = Candidates(
             layer=layer,
             num_layers=self.setup.num_layers,
@@ -81,7 +110,7 @@ class MemoryAttention:
             keys=memory.keys[:, :, sinks:],
             values=memory.values[:, :, sinks:],
             positions=memory.positions[:, :, sinks:],
-            new=min(q.shape[2], size),
+            new=min(new, size),
             stats=stats,
             state={name: memory.state(name)[:, :, sinks:] for name in policy.state},
         )

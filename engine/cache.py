@@ -74,6 +74,10 @@ class LayerMemory:
             buffer[:, :, :kept] = buffer[:, :, : self.length].gather(2, index)
         self.length = kept
 
+    def truncate(self, length: int) -> None:
+        """Forget the newest entries beyond ``length``."""
+        self.length = min(self.length, length)
+
     def set_rotated(self, rotated: torch.Tensor) -> None:
         self._rotated[:, :, : self.length] = rotated
 

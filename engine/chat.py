@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling (0: off)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1: off)")
     p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repetition penalty looks back")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("-s", "--seed", type=int, default=-1, help="sampling seed (-1: random)")
     p.add_argument("--backend", default="auto", help=f"attention backend: {', '.join(backends.available())}")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
@@ -56,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     long.add_argument("--chunk", type=int, default=1024, help="chunk size c in tokens")
     long.add_argument("--sinks", type=int, default=4, help="first tokens never evicted")
     long.add_argument("--positions", default="compact", help="compact (renumber each step) or original")
+    long.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="read -f's document with the first question and compress by that question's attention",
+    )
     long.add_argument(
         "--decode-memory", type=int, help="also keep the memory within this budget while generating"
     )
@@ -186,7 +192,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
     llm = load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, chat_template=template)
     session = ChatSession(
-        llm, prefill=config, sampling=sampling(args), system_prompt=args.system_prompt, document=document
+        llm,
+        prefill=config,
+        sampling=sampling(args),
+        system_prompt=args.system_prompt,
+        document=document,
+        query_aware=args.query_aware,
     )
     warn_if_beyond_window(llm, session, config)
     max_tokens = sys.maxsize if args.predict < 0 else args.predict
@@ -199,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
                 max_tokens=max_tokens,
                 on_text=lambda piece: print(piece, end="", flush=True),
                 cancel=cancel,
+                ignore_eos=args.ignore_eos,
             )
         print(" [stopped]" if completion.finish_reason == "cancelled" else "", flush=True)
         if args.stats:
@@ -207,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         answer(args.prompt)
         return 0
-    if document is not None:
+    if document is not None and not args.query_aware:
         session.read_document()
         print(f"read {session.document_prefill.memory.seen} tokens of {args.file}", file=sys.stderr)
     print(HELP, file=sys.stderr)

@@ -111,7 +111,9 @@ class LLM:
         tokens = self._tensor(ids)
         setup = self.attention_setup(config.build_policy(), config.positions)
         plan = config.plan(tokens.shape[1], continuing=continuing)
-        return run_prefill(self.model, memory, tokens, plan, setup, progress=progress)
+        return run_prefill(
+            self.model, memory, tokens, plan, setup, query_window=config.query_window, progress=progress
+        )
 
     def generate(
         self,
@@ -123,6 +125,7 @@ class LLM:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        ignore_eos: bool = False,
         progress: bool = False,
     ) -> Completion:
         """Complete ``prompt`` (text, encoded as the tokenizer does, or token ids) without a chat template."""
@@ -130,7 +133,7 @@ class LLM:
         result = self.prefill(ids, prefill, progress=progress)
         return self.complete(
             result, ids, prefill=prefill, sampling=sampling, max_tokens=max_tokens, stop=stop,
-            on_text=on_text, cancel=cancel,
+            on_text=on_text, cancel=cancel, ignore_eos=ignore_eos,
         )  # fmt: skip
 
     def chat(self, messages: Sequence[dict[str, str]], **options) -> Completion:
@@ -148,6 +151,7 @@ class LLM:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        ignore_eos: bool = False,
     ) -> Completion:
         """Generate after a prefill, appending every generated token to ``result.memory``."""
         config = prefill or PrefillConfig()
@@ -169,7 +173,8 @@ class LLM:
         started = time.perf_counter()
         generated = generate_tokens(
             step, result.logits[0], Sampler(sampling or Sampling()), self.tokenizer.stream_decoder(),
-            history=history, max_tokens=max_tokens, eos_ids=self.eos_ids, stop=stop, on_text=on_text,
+            history=history, max_tokens=max_tokens, eos_ids=() if ignore_eos else self.eos_ids, stop=stop,
+            on_text=on_text,
             cancel=cancel,
         )  # fmt: skip
         return Completion(

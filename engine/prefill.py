@@ -25,6 +25,8 @@ class PrefillConfig:
     ``memory`` and ``chunk`` are the schedule's M and c in tokens (sinks not counted); ``sinks`` first
     tokens are never evicted; ``positions`` is "compact" (renumber every step: any length fits the
     model's window) or "original". ``decode_memory`` bounds the memory during generation as well.
+    ``query_window`` > 0 makes compression query-aware: the prompt's last ``query_window`` tokens
+    (the question) are also run after every earlier chunk, and policies score with their attention.
     """
 
     schedule: str = "full"
@@ -36,9 +38,10 @@ class PrefillConfig:
     policy_args: Mapping[str, Any] = field(default_factory=dict)
     schedule_args: Mapping[str, Any] = field(default_factory=dict)
     decode_memory: int | None = None
+    query_window: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("memory", "chunk", "sinks"):
+        for name in ("memory", "chunk", "sinks", "query_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "chunk" else 0):
                 kind = "a positive" if name == "chunk" else "a non-negative"
@@ -100,22 +103,42 @@ def run_prefill(
     plan: list[schedules.Step],
     setup: AttentionSetup,
     *,
+    query_window: int = 0,
     all_logits: bool = False,
     progress: bool = False,
 ) -> PrefillResult:
-    """Feed ``ids`` [B, L] into ``memory`` step by step; the attention callback compresses each layer."""
+    """Feed ``ids`` [B, L] into ``memory`` step by step; the attention callback compresses each layer.
+
+    With ``query_window``, every step that ends before the question (the last ``query_window``
+    tokens) feeds the question after its chunk as observers; steps holding part of it observe with
+    those rows.
+    """
     device = ids.device
+    length = ids.shape[1]
+    question_start = length - min(query_window, length)
+    question = ids[:, question_start:]
     steps: list[StepStats] = []
     logits = []
     offset = 0
-    with tqdm(total=ids.shape[1], desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+    with tqdm(total=length, desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
         for index, step in enumerate(plan):
             reset_peak(device)
             started = time.perf_counter()
-            attend = MemoryAttention(memory, setup, budget=step.memory, step=index)
-            logits.append(model(ids[:, offset : offset + step.chunk], attend, all_logits=all_logits))
+            end = offset + step.chunk
+            tokens = ids[:, offset:end]
+            observers, rows = None, None
+            if query_window and end <= question_start:
+                observers = torch.arange(question_start, length, device=device) + memory.seen - offset
+                tokens = torch.cat((tokens, question), dim=1)
+                rows = question.shape[1]
+            elif query_window:
+                rows = end - max(offset, question_start)
+            attend = MemoryAttention(
+                memory, setup, budget=step.memory, step=index, observers=observers, query_rows=rows
+            )
+            logits.append(model(tokens, attend, all_logits=all_logits))
             memory.seen += step.chunk
-            offset += step.chunk
+            offset = end
             peak = peak_bytes(device)
             steps.append(StepStats(index, step.chunk, memory.kept(), time.perf_counter() - started, peak))
             bar.update(step.chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 from engine.generate import Sampling
 from engine.llm import LLM, Completion
@@ -29,8 +30,13 @@ class ChatSession:
         sampling: Sampling | None = None,
         system_prompt: str | None = None,
         document: str | None = None,
+        query_aware: bool = False,
     ) -> None:
+        """``query_aware``: read the document together with the first question, so that compression
+        scores tokens by that question's attention (otherwise the document is compressed before any
+        question is known)."""
         self.llm = llm
+        self.query_aware = query_aware
         self.prefill_config = prefill or PrefillConfig()
         self.sampling = sampling or Sampling()
         self.system_prompt = system_prompt
@@ -52,9 +58,7 @@ class ChatSession:
         """Prefill the document (the start of the first user message) before any question is asked."""
         if self.document is None or self.memory is not None:
             return None
-        first = {"role": "user", "content": self.document + _DOCUMENT_END}
-        rendered = self.llm.tokenizer.render_chat([*self.messages, first], add_generation_prompt=False)
-        prefix = rendered[: rendered.index(_DOCUMENT_END)]
+        prefix = self._document_prefix()
         self.document_prefill = self._feed(prefix, self.llm.tokenizer.encode_rendered(prefix), progress)
         return self.document_prefill
 
@@ -65,17 +69,21 @@ class ChatSession:
         max_tokens: int,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        ignore_eos: bool = False,
         progress: bool = True,
     ) -> Completion:
         """Answer the next user message; the answer joins the conversation even when cancelled."""
-        if self.document is not None and not self.turns:
-            self.read_document(progress=progress)
+        tokenizer = self.llm.tokenizer
+        first_with_document = self.document is not None and not self.turns
+        if first_with_document:
+            if not self.query_aware:
+                self.read_document(progress=progress)
             text = f"{self.document}\n\n{text}"
         messages = [*self.messages, {"role": "user", "content": text}]
-        target = self.llm.tokenizer.render_chat(messages, add_generation_prompt=True)
+        target = tokenizer.render_chat(messages, add_generation_prompt=True)
         if self.memory is not None and target.startswith(self.memory_text):
             delta = target[len(self.memory_text) :]
-            result = self._feed(delta, self.llm.tokenizer.encode(delta, add_special=False), progress)
+            result = self._feed(delta, tokenizer.encode(delta, add_special=False), progress)
         else:
             if self.memory is not None:
                 print(
@@ -83,19 +91,32 @@ class ChatSession:
                     file=sys.stderr,
                 )
                 self.memory, self.memory_text, self.history = None, "", []
-            result = self._feed(target, self.llm.tokenizer.encode_rendered(target), progress)
+            ids = tokenizer.encode_rendered(target)
+            question = 0
+            if first_with_document and self.query_aware:
+                # Everything after the document: the question and the template's closing tokens.
+                question = len(ids) - len(tokenizer.encode_rendered(self._document_prefix()))
+            result = self._feed(target, ids, progress, query_window=question)
         completion = self.llm.complete(
             result, self.history, prefill=self.prefill_config, sampling=self.sampling, max_tokens=max_tokens,
-            on_text=on_text, cancel=cancel,
+            on_text=on_text, cancel=cancel, ignore_eos=ignore_eos,
         )  # fmt: skip
         self.history += completion.token_ids
-        self.memory_text += self.llm.tokenizer.decode(completion.token_ids, skip_special=False)
+        self.memory_text += tokenizer.decode(completion.token_ids, skip_special=False)
         self.messages = [*messages, {"role": "assistant", "content": completion.text}]
         self.turns.append(completion)
         return completion
 
-    def _feed(self, text: str, ids: list[int], progress: bool) -> PrefillResult:
-        result = self.llm.prefill(ids, self.prefill_config, memory=self.memory, progress=progress)
+    def _document_prefix(self) -> str:
+        first = {"role": "user", "content": self.document + _DOCUMENT_END}
+        rendered = self.llm.tokenizer.render_chat([*self.messages, first], add_generation_prompt=False)
+        return rendered[: rendered.index(_DOCUMENT_END)]
+
+    def _feed(self, text: str, ids: list[int], progress: bool, query_window: int = 0) -> PrefillResult:
+        config = self.prefill_config
+        if query_window:
+            config = replace(config, query_window=query_window)
+        result = self.llm.prefill(ids, config, memory=self.memory, progress=progress)
         self.memory = result.memory
         self.memory_text += text
         self.history += ids

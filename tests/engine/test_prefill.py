@@ -117,3 +117,30 @@ def test_bad_prefill_settings_are_refused(options, message):
 def test_empty_prompt_is_refused(llm):
     with pytest.raises(ValueError, match="the prompt is empty"):
         llm.prefill([])
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_query_window_observers_leave_no_trace(llm, positions):
+    """The question run after each chunk only observes: without eviction the result is the plain one."""
+    plain = llm.prefill(IDS, PrefillConfig(schedule="fixed", chunk=16, positions=positions))
+    aware = llm.prefill(IDS, PrefillConfig(schedule="fixed", chunk=16, positions=positions, query_window=10))
+    assert (aware.logits - plain.logits).abs().max() <= 1e-4
+    assert aware.memory.seen == len(IDS)
+    for layer in aware.memory.layers:
+        assert layer.length == len(IDS) and torch.equal(layer.positions[0, 0], torch.arange(len(IDS)))
+
+
+def test_query_window_changes_what_is_kept(llm):
+    """Scored by the question's attention, the memory keeps other tokens than question-agnostic scoring."""
+    agnostic = PrefillConfig(
+        schedule="fixed", policy="snapkv", memory=12, chunk=16, policy_args={"window": 4}
+    )
+    aware = PrefillConfig(
+        schedule="fixed", policy="snapkv", memory=12, chunk=16, policy_args={"window": 4}, query_window=9
+    )
+    kept = [
+        torch.cat([layer.positions for layer in llm.prefill(IDS, config).memory.layers])
+        for config in (agnostic, aware)
+    ]
+    assert kept[0].shape == kept[1].shape and not torch.equal(kept[0], kept[1])
+    assert (kept[1] < len(IDS)).all()
