@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--seed", type=int, default=-1, help="sampling seed (-1: random)")
     p.add_argument("--backend", default="auto", help=f"attention backend: {', '.join(backends.available())}")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--weight-dtype", help="store weights narrower: float16 ~2x CPU decode (default: --dtype)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--chat-template-file", help="a Jinja chat template replacing the checkpoint's")
     long = p.add_argument_group("long context: chunked prefill into a compressed memory")
@@ -190,7 +191,14 @@ def run(args: argparse.Namespace) -> int:
     template = Path(args.chat_template_file).read_text(encoding="utf-8") if args.chat_template_file else None
     document = Path(args.file).read_text(encoding="utf-8") if args.file else None
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
-    llm = load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, chat_template=template)
+    llm = load(
+        args.model,
+        backend=args.backend,
+        dtype=args.dtype,
+        weight_dtype=args.weight_dtype,
+        device=args.device,
+        chat_template=template,
+    )
     session = ChatSession(
         llm,
         prefill=config,

@@ -15,6 +15,7 @@ from torch import nn
 
 import models
 from engine.config import ModelConfig, load_config
+from models.llama import Linear
 
 # Buffers some exporters write that the modules recompute.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -27,9 +28,17 @@ class CheckpointError(ValueError):
 
 
 def load_model(
-    directory: Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    directory: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    weight_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[ModelConfig, nn.Module]:
-    """Build the model ``directory/config.json`` describes and fill it from its safetensors files."""
+    """Build the model ``directory/config.json`` describes and fill it from its safetensors files.
+
+    ``dtype`` is the activations' (default: the checkpoint's); ``weight_dtype`` (default: ``dtype``)
+    stores the embedding and linear weights narrower, e.g. float16 for twice the decode speed on a CPU.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} not found")
@@ -38,7 +47,12 @@ def load_model(
     dtype = dtype or checkpoint_dtype(config, files)
     with torch.device("meta"):
         model = models.build(config)
-    model = model.to(dtype).to_empty(device=device).requires_grad_(False)
+    model = model.to(dtype)
+    if weight_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, (Linear, nn.Embedding)):
+                module.to(weight_dtype)
+    model = model.to_empty(device=device).requires_grad_(False)
     model.tie_weights()
     load_weights(model, files, tied=config.tie_word_embeddings)
     return config, model.eval()
@@ -82,8 +96,8 @@ def checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
 
 
 def load_weights(model: nn.Module, files: list[Path], *, tied: bool) -> None:
-    """Copy every tensor into its parameter: each parameter written once, each tensor used or ignored."""
-    parameters = dict(model.named_parameters())
+    """Copy every tensor into its place: each place written once, each tensor used or ignored."""
+    places = parameter_places(model)
     written: set[str] = set()
     unexpected: list[str] = []
     for path in files:
@@ -91,13 +105,13 @@ def load_weights(model: nn.Module, files: list[Path], *, tied: bool) -> None:
             for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
-                if name not in parameters:
+                if name not in places:
                     unexpected.append(name)
                     continue
                 if name in written:
                     raise CheckpointError(f"tensor {name!r} appears in more than one shard")
                 tensor = _read(reader, path, name)
-                target = parameters[name]
+                target = places[name]
                 if tensor.shape != target.shape:
                     raise CheckpointError(
                         f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
@@ -105,7 +119,7 @@ def load_weights(model: nn.Module, files: list[Path], *, tied: bool) -> None:
                     )
                 target.copy_(tensor)
                 written.add(name)
-    missing = sorted(set(parameters) - written)
+    missing = sorted(set(places) - written)
     if missing or unexpected:
         problems = []
         if missing:
@@ -115,6 +129,29 @@ def load_weights(model: nn.Module, files: list[Path], *, tied: bool) -> None:
         raise CheckpointError(
             f"checkpoint does not match the {type(model).__name__} modules; " + "; ".join(problems)
         )
+
+
+def parameter_places(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the tensor it fills: a parameter, or rows of a fused one.
+
+    ``model.packed_modules`` maps a checkpoint module name to (fused module name, part index); the
+    fused module's ``parts`` give each part's rows.
+    """
+    fused: dict[str, list[tuple[str, int]]] = {}
+    for source, (target, index) in getattr(model, "packed_modules", {}).items():
+        fused.setdefault(target, []).append((source, index))
+    places = {}
+    for name, parameter in model.named_parameters():
+        module_path, _, leaf = name.rpartition(".")
+        owner, _, module_name = module_path.rpartition(".")
+        if module_name not in fused:
+            places[name] = parameter
+            continue
+        parts = model.get_submodule(module_path).parts
+        for source, index in fused[module_name]:
+            start = sum(parts[:index])
+            places[f"{owner}.{source}.{leaf}"] = parameter[start : start + parts[index]]
+    return places
 
 
 def _open(path: Path):

@@ -193,24 +193,34 @@ def load(
     *,
     backend: str = "auto",
     dtype: str | torch.dtype | None = None,
+    weight_dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     chat_template: str | None = None,
 ) -> LLM:
-    """Load a checkpoint directory (the default model when ``model`` is None) into an ``LLM``."""
+    """Load a checkpoint directory (the default model when ``model`` is None) into an ``LLM``.
+
+    ``dtype``: the activations' (default: the checkpoint's). ``weight_dtype``: how embedding and
+    linear weights are stored (default: ``dtype``); float16 nearly doubles CPU decode speed for a
+    small loss of accuracy.
+    """
     from engine.default_model import default_model_dir
 
     if backend not in backends.available():
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(backends.available())}")
-    if isinstance(dtype, str):
-        aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-        name = aliases.get(dtype, dtype)
-        if name not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[name]
+    dtype, weight_dtype = _dtype(dtype, "dtype"), _dtype(weight_dtype, "weight dtype")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(model) if model is not None else default_model_dir()
-    config, module = load_model(path, dtype=dtype, device=device)
+    config, module = load_model(path, dtype=dtype, weight_dtype=weight_dtype, device=device)
     tokenizer = load_tokenizer(path, chat_template=chat_template)
-    return LLM(
-        path, config, module, tokenizer, backend=backend, device=device, dtype=module.lm_head.weight.dtype
-    )
+    activations = module.model.norm.weight.dtype
+    return LLM(path, config, module, tokenizer, backend=backend, device=device, dtype=activations)
+
+
+def _dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
+    if not isinstance(value, str):
+        return value
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(value, value)
+    if name not in DTYPES:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,13 +1,15 @@
 """Llama: RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU MLP.
 
-Module names mirror Hugging Face checkpoints so weights load without renaming. Attention itself is
-not computed here: each layer hands its pre-RoPE q, k, v to an ``attend`` callback, which owns
-positions, the KV memory, the backend and compression (see engine/prefill.py).
+Module names mirror Hugging Face checkpoints, except that q/k/v and gate/up projections are fused
+(``packed_modules``: one matmul instead of three or two). Attention itself is not computed here:
+each layer hands its pre-RoPE q, k, v to an ``attend`` callback, which owns positions, the KV
+memory, the backend and compression (see engine/attention.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,28 @@ from models import register
 
 # attend(layer_index, q, k, v) -> attention output; q [B, Hq, L, D], k and v [B, Hkv, L, D], all pre-RoPE.
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer whose weight may be stored narrower than the activations.
+
+    With a narrower weight, matrix-vector products (decode) read it as is: they are bound by reading
+    weights, and half the bytes is nearly half the time. Matrix-matrix products (prefill) are bound by
+    arithmetic, which CPUs do faster in the activations' dtype, so the weight is widened first.
+    """
+
+    def __init__(self, in_features: int, *parts: int) -> None:
+        super().__init__()
+        self.parts = parts  # output sizes of the checkpoint tensors fused here, in order
+        self.weight = nn.Parameter(torch.empty(sum(parts), in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if weight.dtype == x.dtype:
+            return F.linear(x, weight)
+        if x.shape[:-1].numel() == 1:
+            return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        return F.linear(x, weight.to(x.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -35,16 +59,16 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        kv_size = self.kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, self.heads * self.head_dim, kv_size, kv_size)
+        self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size)
 
     def forward(self, x: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)
+        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         out = attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
 
@@ -52,12 +76,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, config.intermediate_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -83,12 +107,22 @@ class Decoder(nn.Module):
 
 @register("LlamaForCausalLM")
 class LlamaForCausalLM(nn.Module):
+    # Checkpoint projections stored fused (one matmul instead of three, or two): the checkpoint
+    # module's name -> (our module's name, index of its part).
+    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.sliding_window: int | None = None
         self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -98,7 +132,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, attend: Attend, *, all_logits: bool = False) -> torch.Tensor:
         """Float32 logits of the last position [B, V], or of every position [B, L, V]."""
-        x = self.model.embed_tokens(ids)
+        # Activations run in the norms' dtype; the embedding may be stored narrower (weight_dtype).
+        x = self.model.embed_tokens(ids).to(self.model.norm.weight.dtype)
         for index, layer in enumerate(self.model.layers):
             x = layer(x, lambda q, k, v, index=index: attend(index, q, k, v))
         x = self.model.norm(x if all_logits else x[:, -1])

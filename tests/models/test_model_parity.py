@@ -42,3 +42,17 @@ def test_default_model_matches_transformers(default_model_dir):
     reference = hf_logits(default_model_dir, ids)
     assert (ours - reference).abs().max() <= 1e-4
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_float16_weights_stay_close_to_float32(tmp_path):
+    directory = write_tiny_checkpoint(tmp_path / "ckpt")
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    exact = engine.load(directory)
+    narrow = engine.load(directory, weight_dtype="float16")
+    assert narrow.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float16
+    assert narrow.model.model.norm.weight.dtype == torch.float32
+    # Prefill rows widen the weights; one decode row multiplies in float16: both stay close.
+    assert (narrow.logits(ids) - exact.logits(ids)).abs().max() < 0.05
+    steps = (exact.generate(ids, sampling=engine.GREEDY, max_tokens=6, ignore_eos=True),
+             narrow.generate(ids, sampling=engine.GREEDY, max_tokens=6, ignore_eos=True))  # fmt: skip
+    assert steps[0].token_ids == steps[1].token_ids
