@@ -10,6 +10,7 @@ key j when j <= i + (Lk - Lq), and with a sliding ``window`` W only when i + (Lk
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -101,6 +102,17 @@ class Backend:
         raise NotImplementedError
 
 
+def _choose_triton_mode() -> None:
+    """Without a GPU, Triton kernels can only run interpreted, and Triton fixes the mode of each
+    ``@triton.jit`` function (its own library's included) when it is defined. Torch imports triton
+    on its own (building a model on the meta device does), so the choice is made here, before
+    anything can. An explicit ``TRITON_INTERPRET`` is respected."""
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if not gpu and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_choose_triton_mode()
 _registry: Registry[Backend] = Registry("backend", entry_point_group="engine.backends")
 register = _registry.register
 get = _registry.get

@@ -1,19 +1,16 @@
 """The Triton backend: fused prefill (with LSE), per-key score and split-K decode kernels.
 
-On a machine without a GPU, importing this package switches Triton's interpreter on
-(``TRITON_INTERPRET=1``) unless the variable is already set. Triton reads it when ``@triton.jit``
-runs, i.e. when the kernel modules below are imported, so it is set first. Doing this for the whole
-process is safe: without a GPU no compiled Triton kernel can launch at all (there is no driver), so
-the only effect on other Triton code is to make it run, slowly, instead of failing. An explicit
-``TRITON_INTERPRET=0`` is respected; the backend then reports CPU work as unsupported. Kernels
-jitted before this import keep the mode they were created in. Kernels only run on CUDA (or ROCm,
-which PyTorch also calls "cuda") devices, or interpreted on CPU tensors.
+On a machine without a GPU the kernels run under Triton's interpreter, which ``backends`` switches
+on (``TRITON_INTERPRET=1``) before anything imports triton. Doing this for the whole process is
+safe: without a GPU no compiled Triton kernel can launch at all, so the only effect on other Triton
+code is to make it run, slowly, instead of failing. An explicit ``TRITON_INTERPRET=0`` is respected;
+the backend then reports CPU work as unsupported. Kernels only run on CUDA (or ROCm, which PyTorch
+also calls "cuda") devices, or interpreted on CPU tensors.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
@@ -24,13 +21,8 @@ if importlib.util.find_spec("triton") is None:
         "the triton backend needs Triton: pip install triton (or pip install 'imdc-engine[triton]')"
     )
 
-_GPU = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-if not _GPU and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-# Only now: the kernel modules must see the interpreter setting when they are jitted.
-from backends.triton import decode, prefill, scores  # noqa: E402
-from backends.triton.runtime import INTERPRETED  # noqa: E402
+from backends.triton import decode, prefill, scores
+from backends.triton.runtime import INTERPRETED
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128, 256)
