@@ -16,11 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import backends
-import policies
-import schedules
 from engine.generate import Sampling
 from engine.llm import LLM, Completion, load
-from engine.prefill import PrefillConfig
+from engine.prefill import PrefillConfig, PrefillResult
 from engine.registry import load_plugin
 from engine.session import ChatSession
 
@@ -104,10 +102,6 @@ def _value(text: str) -> object:
 def prefill_config(args: argparse.Namespace) -> PrefillConfig:
     for module in args.plugin:
         load_plugin(module)
-    for name, registry in (("schedule", schedules), ("policy", policies)):
-        value = getattr(args, name)
-        if value not in registry.available():
-            raise ValueError(f"unknown {name} {value!r}; known: {', '.join(registry.available())}")
     return PrefillConfig(
         schedule=args.schedule,
         policy=args.policy,
@@ -133,22 +127,23 @@ def sampling(args: argparse.Namespace) -> Sampling:
     )
 
 
-def format_stats(completion: Completion) -> str:
-    result = completion.prefill
+def format_stats(completion: Completion, document: PrefillResult | None = None) -> str:
+    """The per-step prefill table (the document's steps first, when it was read for this answer)."""
+    steps = [*(document.steps if document else []), *completion.prefill.steps]
     lines = ["step  chunk  memory  seconds  peak MiB"]
     lines += [
         f"{s.index:>4}  {s.chunk:>5}  {s.memory:>6}  {s.seconds:>7.3f}  {s.peak_bytes / 2**20:>8.1f}"
-        for s in result.steps
+        for s in steps
     ]
-    prompt = sum(s.chunk for s in result.steps)
+    prompt = sum(s.chunk for s in steps)
+    seconds = sum(s.seconds for s in steps)
     produced = len(completion.token_ids)
+    memory = completion.memory
     lines.append(
-        f"prefill {prompt} tokens in {result.seconds:.2f} s "
-        f"({prompt / max(result.seconds, 1e-9):.1f} tok/s); "
+        f"prefill {prompt} tokens in {seconds:.2f} s ({prompt / max(seconds, 1e-9):.1f} tok/s); "
         f"decode {produced} tokens in {completion.decode_seconds:.2f} s "
-        f"({produced / max(completion.decode_seconds, 1e-9):.1f} tok/s); memory {completion.memory.kept()} "
-        f"tokens + {min(completion.memory.sinks, completion.memory.seen)} sinks "
-        f"({completion.memory.nbytes / 2**20:.1f} MiB)"
+        f"({produced / max(completion.decode_seconds, 1e-9):.1f} tok/s); memory {memory.kept()} "
+        f"tokens + {min(memory.sinks, memory.seen)} sinks ({memory.nbytes / 2**20:.1f} MiB)"
     )
     return "\n".join(lines)
 
@@ -222,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
             )
         print(" [stopped]" if completion.finish_reason == "cancelled" else "", flush=True)
         if args.stats:
-            print(format_stats(completion), file=sys.stderr)
+            # In -p mode the document is read inside the first answer: show its steps there.
+            document = session.document_prefill if args.prompt is not None else None
+            print(format_stats(completion, document), file=sys.stderr)
 
     if args.prompt is not None:
         answer(args.prompt)
