@@ -51,9 +51,11 @@ ROPE_KINDS = ("default", "linear", "llama3")
 
 def load_config(directory: Path) -> ModelConfig:
     """Parse ``directory/config.json``; refuse architectures, rope types and options we can't run."""
-    raw = _read_json(Path(directory) / "config.json", required=True)
-    generation = _read_json(Path(directory) / "generation_config.json", required=False)
-    return parse_config(raw, generation)
+    path = Path(directory) / "config.json"
+    raw = read_json_object(path)
+    if raw is None:
+        raise ConfigError(f"{path} not found: a checkpoint directory needs config.json")
+    return parse_config(raw, read_json_object(Path(directory) / "generation_config.json"))
 
 
 def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
@@ -101,17 +103,16 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
     return config
 
 
-def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
+def read_json_object(path: Path, error: type[ValueError] = ConfigError) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when there is no such file; anything else raises ``error``."""
     if not path.is_file():
-        if required:
-            raise ConfigError(f"{path} not found: a checkpoint directory needs config.json")
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path} is not valid JSON ({error}); re-download or re-convert it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{path} is not valid JSON ({problem}); re-download or re-convert it") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} should hold a JSON object")
+        raise error(f"{path} should hold a JSON object")
     return data
 
 

@@ -21,6 +21,8 @@ import sentencepiece
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from engine.config import read_json_object
+
 
 class TokenizerError(ValueError):
     """A tokenizer could not be loaded or was given input it cannot handle."""
@@ -301,7 +303,7 @@ class Tokenizer:
 def load_tokenizer(directory: Path, *, chat_template: str | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint directory; ``chat_template`` (the text) overrides the checkpoint's."""
     directory = Path(directory)
-    config = _read_config(directory / "tokenizer_config.json")
+    config = read_json_object(directory / "tokenizer_config.json", TokenizerError) or {}
     backend: _Backend
     if (directory / "tokenizer.json").is_file():
         backend = _TokenizersBackend(directory / "tokenizer.json")
@@ -314,18 +316,6 @@ def load_tokenizer(directory: Path, *, chat_template: str | None = None) -> Toke
     if chat_template is None:
         chat_template = _configured_template(config, directory)
     return Tokenizer(backend, config, chat_template)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenizerError(f"cannot read {path}: {error}") from None
-    if not isinstance(config, dict):
-        raise TokenizerError(f"{path} does not hold a JSON object")
-    return config
 
 
 def _configured_template(config: Mapping[str, Any], directory: Path) -> str:

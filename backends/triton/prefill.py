@@ -19,6 +19,7 @@ from backends.triton.runtime import (
     LOG2E,
     autotune,
     dot_precision,
+    launch_config,
     length_bucket,
     rounded_to,
     tile_bytes,
@@ -33,16 +34,12 @@ def _shared_memory(config: triton.Config, args: dict) -> int:
     )
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
 _GPU_CONFIGS = [
-    _config(128, 64, 8, 3),
-    _config(128, 32, 4, 3),
-    _config(64, 64, 4, 3),
-    _config(64, 32, 4, 2),
-    _config(32, 32, 4, 1),  # float32 at head dim 256 fits nothing larger
+    launch_config(128, 64, 8, 3),
+    launch_config(128, 32, 4, 3),
+    launch_config(64, 64, 4, 3),
+    launch_config(64, 32, 4, 2),
+    launch_config(32, 32, 4, 1),  # float32 at head dim 256 fits nothing larger
 ]
 
 
@@ -107,7 +104,7 @@ def _attend_blocks(
 
 @autotune(
     _GPU_CONFIGS,
-    _config(64, 32, 1, 1),
+    launch_config(64, 32, 1, 1),
     key=["HEAD_DIM", "q_len_bucket", "k_len_bucket", "WINDOWED", "WITH_VALUES"],
     shared_memory=_shared_memory,
 )

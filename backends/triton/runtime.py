@@ -33,6 +33,11 @@ def shared_memory_limit(tensor: torch.Tensor) -> int:
     return getattr(properties, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY)
 
 
+def launch_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    """A launch configuration of a kernel tiled ``BLOCK_M`` x ``BLOCK_N``."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
 def autotune(
     gpu_configs: list[triton.Config],
     interpreter_config: triton.Config,

@@ -19,6 +19,7 @@ from backends.triton.runtime import (
     LOG2E_IN_KERNEL,
     autotune,
     dot_precision,
+    launch_config,
     length_bucket,
     tile_bytes,
 )
@@ -32,22 +33,18 @@ def _shared_memory(config: triton.Config, args: dict) -> int:
     )
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
 _GPU_CONFIGS = [
-    _config(64, 128, 8, 3),
-    _config(64, 64, 4, 3),
-    _config(128, 64, 8, 2),
-    _config(32, 128, 4, 3),
-    _config(32, 32, 4, 1),  # float32 at head dim 256 fits nothing larger
+    launch_config(64, 128, 8, 3),
+    launch_config(64, 64, 4, 3),
+    launch_config(128, 64, 8, 2),
+    launch_config(32, 128, 4, 3),
+    launch_config(32, 32, 4, 1),  # float32 at head dim 256 fits nothing larger
 ]
 
 
 @autotune(
     _GPU_CONFIGS,
-    _config(64, 64, 1, 1),
+    launch_config(64, 64, 1, 1),
     key=["HEAD_DIM", "q_len_bucket", "k_len_bucket", "WINDOWED"],
     shared_memory=_shared_memory,
 )
