@@ -45,7 +45,7 @@ class LLM:
         path: Path,
         config: ModelConfig,
         model: nn.Module,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         *,
         backend: str = "auto",
         device: torch.device,
@@ -207,7 +207,7 @@ def load(
 
     if backend not in backends.available():
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(backends.available())}")
-    dtype, weight_dtype = _dtype(dtype, "dtype"), _dtype(weight_dtype, "weight dtype")
+    dtype, weight_dtype = parse_dtype(dtype, "dtype"), parse_dtype(weight_dtype, "weight dtype")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(model) if model is not None else default_model_dir()
     config, module = load_model(path, dtype=dtype, weight_dtype=weight_dtype, device=device)
@@ -216,7 +216,8 @@ def load(
     return LLM(path, config, module, tokenizer, backend=backend, device=device, dtype=activations)
 
 
-def _dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
+def parse_dtype(value: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:
+    """A torch dtype from a name such as "float16" or "bf16" (None and dtypes pass through)."""
     if not isinstance(value, str):
         return value
     aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
