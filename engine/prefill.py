@@ -17,6 +17,8 @@ from engine.attention import POSITION_MODES, AttentionSetup, MemoryAttention
 from engine.cache import KVMemory
 from engine.peak_memory import peak_bytes, reset_peak
 
+PROGRESS_MIN_TOKENS = 1024  # shorter prompts are read too fast for a progress bar to help
+
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -120,7 +122,8 @@ def run_prefill(
     steps: list[StepStats] = []
     logits = []
     offset = 0
-    with tqdm(total=length, desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+    quiet = not progress or length < PROGRESS_MIN_TOKENS
+    with tqdm(total=length, desc="prefill", unit="tok", disable=quiet, leave=False) as bar:
         for index, step in enumerate(plan):
             reset_peak(device)
             started = time.perf_counter()
