@@ -22,7 +22,7 @@ from typing import Any
 
 from tools.bench_prefill import PAPER_TABLE_A, paper_rows
 from tools.eval_ppl import PAPER_TABLE_B
-from tools.report import Table, render, run_guarded, tool_parser
+from tools.report import Table, describe_machine, render, run_guarded, tool_parser
 
 TOOLS = ("bench_prefill", "eval_passkey", "eval_ppl", "bench_generate")
 DOCS = Path("docs")
@@ -145,6 +145,48 @@ def render_results(docs: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+README_START = "<!-- results:start (python -m tools.results writes this block) -->"
+README_END = "<!-- results:end -->"
+# The runs whose first table the README shows, in this order.
+README_RUNS = (
+    "bench_generate.json",
+    "bench_prefill_cpu_snapkv.json",
+    "passkey.json",
+    "passkey_query_aware.json",
+    "ppl.json",
+)
+
+
+def readme_block(docs: Path) -> str:
+    """The README's headline tables: the first table of each full (not smoke) run, with where and when."""
+    reports = _reports(docs)
+    full_runs = {run.json_name: run for run in RUNS}
+    parts = []
+    for name in README_RUNS:
+        report = reports.get(name)
+        if report is None or report["argv"] != full_runs[name].argv:
+            continue
+        module = importlib.import_module(f"tools.{report['tool']}")
+        parts.append(module.tables(report)[0].markdown())
+        parts.append(
+            f"<sub>{describe_machine(report['machine'])}, {report['date'][:10]}: `{report['command']}`</sub>"
+        )
+    if not parts:
+        parts.append("No full measurement yet: see docs/RESULTS.md for the commands.")
+    return "\n\n".join([README_START, *parts, README_END])
+
+
+def update_readme(readme: Path, docs: Path) -> bool:
+    """Replace the README's results block, if it has one; True when it did."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return False
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    readme.write_text(before + readme_block(docs) + after, encoding="utf-8")
+    return True
+
+
 def _reports(docs: Path) -> dict[str, dict[str, Any]]:
     reports = {}
     for path in sorted(docs.glob("*.json")):
@@ -209,6 +251,9 @@ def parser() -> argparse.ArgumentParser:
     p = tool_parser("results", __doc__)
     p.add_argument("--docs", default=str(DOCS), help="folder of the JSON reports (default: %(default)s)")
     p.add_argument("--output", help="page to write (default: DOCS/RESULTS.md)")
+    p.add_argument(
+        "--readme", default="README.md", help="README whose results block is refreshed (default: %(default)s)"
+    )
     return p
 
 
@@ -224,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = Path(args.output) if args.output else docs / "RESULTS.md"
         output.write_text(render_results(docs), encoding="utf-8")
         print(f"wrote {output}")
+        if Path(args.readme).is_file() and update_readme(Path(args.readme), docs):
+            print(f"refreshed the results block of {args.readme}")
         return 0
 
     return run_guarded(write)

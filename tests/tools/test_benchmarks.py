@@ -434,3 +434,19 @@ def test_results_renders_every_report_and_marks_smoke_runs(monkeypatch, tmp_path
     assert results.main(["--docs", str(docs), "--output", str(tmp_path / "page.md")]) == 0
     section = (tmp_path / "page.md").read_text().split("SnapKV (default model)")[1].split("\n## ")[0]
     assert "Smoke run" not in section
+
+
+def test_results_refresh_only_the_readme_block(tmp_path):
+    from tools.results import README_END, README_START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{README_START}\nold numbers\n{README_END}\n\noutro\n")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    assert update_readme(readme, docs)
+    text = readme.read_text()
+    assert text.startswith("intro\n\n") and text.endswith("\n\noutro\n") and "old numbers" not in text
+    assert "No full measurement yet" in text
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers")
+    assert not update_readme(plain, docs) and plain.read_text() == "no markers"
