@@ -10,24 +10,52 @@ from pathlib import Path
 
 import torch
 
+# The highest peak read when a step restarted the counter, so that the peak of an enclosing region
+# (a benchmark timing a whole prefill) survives the per-step restarts of ``begin_step``.
+_region_peak = 0
+
 
 def reset_peak(device: torch.device) -> None:
+    """Begin a measured region: the peak is counted from here (on the CPU, after handing freed heap
+    memory back to the OS, which costs time; call it outside what is timed)."""
+    global _region_peak
+    _region_peak = 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    release_freed_memory()
-    # Linux resets the process's VmHWM when "5" is written to clear_refs; elsewhere the peak only grows.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+    else:
+        release_freed_memory()
+    _restart_counter(device)
 
 
-def peak_bytes(device: torch.device) -> int:
+def begin_step(device: torch.device) -> None:
+    """Begin a step inside a region: ``step_peak`` counts from here, ``peak_bytes`` still from the
+    region's start. Cheap enough to call for every prefill chunk."""
+    global _region_peak
+    _region_peak = max(_region_peak, step_peak(device))
+    _restart_counter(device)
+
+
+def step_peak(device: torch.device) -> int:
+    """The peak since the latest ``begin_step`` (or ``reset_peak``)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
     peak = proc_field("/proc/self/status", "VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_bytes(device: torch.device) -> int:
+    """The peak since the latest ``reset_peak``: the allocator's on CUDA, the resident set's on the CPU."""
+    return max(_region_peak, step_peak(device))
+
+
+def _restart_counter(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux resets the process's VmHWM when "5" is written to clear_refs; elsewhere the peak only grows.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def current_bytes(device: torch.device) -> int:

@@ -15,7 +15,7 @@ import policies
 import schedules
 from engine.attention import POSITION_MODES, AttentionSetup, MemoryAttention
 from engine.cache import KVMemory
-from engine.peak_memory import peak_bytes, reset_peak
+from engine.peak_memory import begin_step, step_peak
 
 PROGRESS_MIN_TOKENS = 1024  # shorter prompts are read too fast for a progress bar to help
 
@@ -125,7 +125,7 @@ def run_prefill(
     quiet = not progress or length < PROGRESS_MIN_TOKENS
     with tqdm(total=length, desc="prefill", unit="tok", disable=quiet, leave=False) as bar:
         for index, step in enumerate(plan):
-            reset_peak(device)
+            begin_step(device)
             started = time.perf_counter()
             end = offset + step.chunk
             tokens = ids[:, offset:end]
@@ -142,7 +142,7 @@ def run_prefill(
             logits.append(model(tokens, attend, all_logits=all_logits))
             memory.seen += step.chunk
             offset = end
-            peak = peak_bytes(device)
+            peak = step_peak(device)  # waits for the device, so the step's time is complete
             steps.append(StepStats(index, step.chunk, memory.kept(), time.perf_counter() - started, peak))
             bar.update(step.chunk)
             bar.set_postfix(memory=memory.kept())
