@@ -418,7 +418,9 @@ def test_results_renders_every_report_and_marks_smoke_runs(monkeypatch, tmp_path
         "full,imdc",
     ]
     assert bench_prefill.main([*argv, "--json", str(json_path), "--plot", str(png)]) == 0
-    assert results.main(["--docs", str(docs)]) == 0
+    readme = tmp_path / "README.md"  # never the project's own
+    readme.write_text(f"{results.README_START}\n{results.README_END}\n")
+    assert results.main(["--docs", str(docs), "--readme", str(readme)]) == 0
     page = (docs / "RESULTS.md").read_text()
     section = page.split("## Prefill schedules on the CPU, SnapKV (default model)")[1].split("\n## ")[0]
     assert "Smoke run" in section and "| source | schedule |" in section
@@ -426,14 +428,21 @@ def test_results_renders_every_report_and_marks_smoke_runs(monkeypatch, tmp_path
     assert "Not measured yet" in page and "## The paper's numbers" in page and "15.1" in page
     for run in results.RUNS:
         assert run.command in page
+    assert "No full measurement yet" in readme.read_text()
 
     # A report made by exactly the full-run command is not a smoke run.
     report = json.loads(json_path.read_text())
     report["argv"] = results.RUNS[0].argv
     json_path.write_text(json.dumps(report))
-    assert results.main(["--docs", str(docs), "--output", str(tmp_path / "page.md")]) == 0
+    assert (
+        results.main(["--docs", str(docs), "--readme", str(readme), "--output", str(tmp_path / "page.md")])
+        == 0
+    )
     section = (tmp_path / "page.md").read_text().split("SnapKV (default model)")[1].split("\n## ")[0]
     assert "Smoke run" not in section
+    assert (
+        "| source | schedule |" in readme.read_text()
+    )  # a full run reaches the README; a smoke run does not
 
 
 def test_results_refresh_only_the_readme_block(tmp_path):
