@@ -434,15 +434,12 @@ def test_results_renders_every_report_and_marks_smoke_runs(monkeypatch, tmp_path
     report = json.loads(json_path.read_text())
     report["argv"] = results.RUNS[0].argv
     json_path.write_text(json.dumps(report))
-    assert (
-        results.main(["--docs", str(docs), "--readme", str(readme), "--output", str(tmp_path / "page.md")])
-        == 0
-    )
+    page_args = ["--docs", str(docs), "--readme", str(readme), "--output", str(tmp_path / "page.md")]
+    assert results.main(page_args) == 0
     section = (tmp_path / "page.md").read_text().split("SnapKV (default model)")[1].split("\n## ")[0]
     assert "Smoke run" not in section
-    assert (
-        "| source | schedule |" in readme.read_text()
-    )  # a full run reaches the README; a smoke run does not
+    # A full run reaches the README; a smoke run does not.
+    assert "| source | schedule |" in readme.read_text()
 
 
 def test_results_refresh_only_the_readme_block(tmp_path):
