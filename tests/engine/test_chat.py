@@ -58,6 +58,9 @@ def start_interactive(tiny):
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        # As from a terminal: a test run started in the background inherits SIGINT ignored, and a
+        # Python started with SIGINT ignored never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
