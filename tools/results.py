@@ -47,6 +47,10 @@ class Run:
         argv = self.argv
         return Path(argv[argv.index("--json") + 1]).name
 
+    def made(self, report: dict[str, Any]) -> bool:
+        """Whether ``report`` comes from exactly this run's command (not from a smaller, smoke run)."""
+        return report["argv"] == self.argv
+
 
 def _command(tool: str, options: str, stem: str) -> str:
     return f"python -m tools.{tool} {options} --json docs/{stem}.json --plot docs/{stem}.png"
@@ -141,7 +145,7 @@ def render_results(docs: Path) -> str:
         if report is None:
             parts.append(f"Not measured yet: run `{run.command}` on a {run.where} machine.")
             continue
-        parts.append(_section(report, docs, smoke=report["argv"] != run.argv))
+        parts.append(_section(report, docs, smoke=not run.made(report)))
     for name, report in reports.items():
         if name not in known:
             parts += [f"## {report['tool']} ({name})", _section(report, docs, smoke=False)]
@@ -170,9 +174,9 @@ def readme_block(docs: Path) -> str:
     parts = []
     for name, shown in README_RUNS.items():
         report = reports.get(name)
-        if report is None or report["argv"] != full_runs[name].argv:
+        if report is None or not full_runs[name].made(report):
             continue
-        tables = importlib.import_module(f"tools.{report['tool']}").tables(report)
+        tables = _tables(report)
         parts += [tables[index].markdown() for index in shown]
         parts.append(
             f"<sub>{describe_machine(report['machine'])}, {report['date'][:10]}: `{report['command']}`</sub>"
@@ -205,9 +209,13 @@ def _reports(docs: Path) -> dict[str, dict[str, Any]]:
     return reports
 
 
+def _tables(report: dict[str, Any]) -> list[Table]:
+    """The tables of a report, drawn by the tool that made it."""
+    return importlib.import_module(f"tools.{report['tool']}").tables(report)
+
+
 def _section(report: dict[str, Any], docs: Path, *, smoke: bool) -> str:
-    module = importlib.import_module(f"tools.{report['tool']}")
-    text = render(report, module.tables(report))
+    text = render(report, _tables(report))
     if report.get("plot") and (docs / report["plot"]).is_file():
         text += f"\n\n![{report['tool']}]({report['plot']})"
     return f"{SMOKE_NOTE}\n\n{text}" if smoke else text
