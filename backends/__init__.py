@@ -11,12 +11,12 @@ key j when j <= i + (Lk - Lq), and with a sliding ``window`` W only when i + (Lk
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from engine.notices import notice
 from engine.registry import Registry
 
 
@@ -136,7 +136,7 @@ def resolve(name: str, spec: AttentionSpec) -> Backend:
     backend = get(name)
     if backend.supports(spec):
         return backend
-    print(f"note: backend {name!r} does not support {spec.describe()}; using 'reference'", file=sys.stderr)
+    notice(f"backend {name!r} does not support {spec.describe()}; using 'reference'")
     return get("reference")
 
 

@@ -6,6 +6,7 @@ more than one layer's statistics ever exist at a time.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ from models.rope import Rope
 from policies import Candidates, Policy, PolicyError
 
 POSITION_MODES = ("compact", "original")
+
+
+class PrefillCancelled(Exception):
+    """The caller's cancel event was set while a prompt was being read."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class MemoryAttention:
     run after a chunk so that the policy scores with its attention (query-aware compression, as in
     FINCH). Observers are dropped from the memory once their statistics are taken. ``query_rows``
     (observers, or the question's rows of the last chunk) overrides which query rows the statistics
-    come from; by default the policy's ``needs`` decide.
+    come from; by default the policy's ``needs`` decide. Setting ``cancel`` makes the next layer
+    raise ``PrefillCancelled``.
     """
 
     def __init__(
@@ -49,8 +55,10 @@ class MemoryAttention:
         step: int,
         observers: torch.Tensor | None = None,
         query_rows: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.memory = memory
+        self.cancel = cancel
         self.setup = setup
         self.budget = budget
         self.step = step
@@ -60,6 +68,9 @@ class MemoryAttention:
         self.query_rows = query_rows
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Checked once per layer: a long chunk stops within a layer's time, about a second at most.
+        if self.cancel is not None and self.cancel.is_set():
+            raise PrefillCancelled
         setup, layer_memory = self.setup, self.memory.layers[layer]
         new = q.shape[2] - self.observers
         original = torch.arange(self.start, self.start + new, device=q.device)
@@ -117,7 +128,7 @@ class MemoryAttention:
         policy.update(candidates)
         if not compress:
             return
-        keep = _checked(policy.select(candidates, budget), budget, size, policy)
+        keep = _checked(policy.select(candidates, budget), budget, size, policy, candidates.keys.shape[:2])
         sink_index = torch.arange(sinks, device=keep.device).expand(*keep.shape[:2], sinks)
         memory.keep(torch.cat((sink_index, keep + sinks), dim=-1))
         if self.setup.positions == "compact":
@@ -125,12 +136,21 @@ class MemoryAttention:
             memory.set_rotated(self.setup.rope.rotate(memory.keys, renumbered))
 
 
-def _checked(keep: torch.Tensor, budget: int, size: int, policy: Policy) -> torch.Tensor:
-    """A plugin's selection must be [B, Hkv, k] sorted unique in-range indices with k <= budget."""
+def _checked(
+    keep: torch.Tensor, budget: int, size: int, policy: Policy, heads: tuple[int, int]
+) -> torch.Tensor:
+    """A plugin's selection must be [B, Hkv, k] sorted unique in-range indices with k <= budget, with
+    exactly the memory's batch and KV heads (a [1, 1, k] answer would otherwise broadcast one head's
+    choice over all of them)."""
     name = type(policy).__name__
-    if keep.dtype not in (torch.int64, torch.int32) or keep.dim() != 3:
+    if (
+        keep.dtype not in (torch.int64, torch.int32)
+        or keep.dim() != 3
+        or tuple(keep.shape[:2]) != tuple(heads)
+    ):
         raise PolicyError(
-            f"policy {name} returned {keep.dtype} of shape {tuple(keep.shape)}; expected int64 [B, Hkv, k]"
+            f"policy {name} returned {keep.dtype} of shape {tuple(keep.shape)}; expected int64 "
+            f"[{heads[0]}, {heads[1]}, k] (batch, KV heads, kept tokens)"
         )
     if keep.shape[-1] > budget:
         raise PolicyError(f"policy {name} kept {keep.shape[-1]} tokens, over the budget of {budget}")

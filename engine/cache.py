@@ -8,6 +8,8 @@ Storage grows by doubling, so decode appends in amortised O(1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -78,6 +80,25 @@ class LayerMemory:
         """Forget the newest entries beyond ``length``."""
         self.length = min(self.length, length)
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of every entry's tensors, for ``restore``."""
+        return {
+            "keys": self.keys.clone(),
+            "rotated": self.rotated.clone(),
+            "values": self.values.clone(),
+            "positions": self.positions.clone(),
+            **{f"state.{name}": self.state(name).clone() for name in self._state},
+        }
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        """Hold exactly the entries of ``saved`` (a ``snapshot``) again."""
+        self.length = 0
+        self._state = {}
+        self.append(saved["keys"], saved["rotated"], saved["values"], saved["positions"])
+        for key, value in saved.items():
+            if key.startswith("state."):
+                self.state(key.removeprefix("state."))[:] = value
+
     def set_rotated(self, rotated: torch.Tensor) -> None:
         self._rotated[:, :, : self.length] = rotated
 
@@ -125,6 +146,36 @@ class KVMemory:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    def rollback_point(self, *, appending_only: bool) -> Callable[[], None]:
+        """A function that puts the memory back as it is now. When what follows only appends (no
+        eviction, no state update), forgetting the new entries is enough; otherwise every layer's
+        entries are copied now (what a cancelled compressing turn costs)."""
+        seen, lengths = self.seen, [layer.length for layer in self.layers]
+        saved = None if appending_only else [layer.snapshot() for layer in self.layers]
+
+        def restore() -> None:
+            self.seen = seen
+            for index, layer in enumerate(self.layers):
+                if saved is None:
+                    layer.truncate(lengths[index])
+                else:
+                    layer.restore(saved[index])
+
+        return restore
+
+    def bytes_per_token(self, states: int = 0) -> int:
+        """Bytes one more token takes over all layers and KV heads, with ``states`` policy states."""
+        layer = self.layers[0]
+        batch, kv_heads = layer._shape
+        element = layer._keys.element_size()
+        per_head = 3 * layer._head_dim * element + layer._positions.element_size() + 4 * states
+        return len(self.layers) * batch * kv_heads * per_head
+
+    @property
+    def longest(self) -> int:
+        """Entries of the longest layer, sinks included."""
+        return max((layer.length for layer in self.layers), default=0)
 
     def kept(self) -> int:
         """Tokens held beyond the sinks, the most over layers (policies may give layers different budgets)."""

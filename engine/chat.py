@@ -8,7 +8,6 @@ python -m engine.chat -f report.txt --schedule imdc --policy snapkv --memory 512
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -16,25 +15,35 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import backends
+from engine.attention import PrefillCancelled
+from engine.cli import Parser, parse_options, run_main
 from engine.generate import Sampling
 from engine.llm import LLM, Completion, load
-from engine.prefill import PrefillConfig, PrefillResult
+from engine.notices import notice
+from engine.prefill import FULL_SCHEDULE, NO_POLICY, PrefillConfig, PrefillResult
 from engine.registry import load_plugin
 from engine.session import ChatSession
 
-HELP = (
-    "commands: /reset (forget the conversation), /stats (last turn's numbers), /exit; Ctrl-C stops an answer"
-)
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "forget the conversation (a -f document is read again with the next message)",
+    "/stats": "the last answer's prefill steps, speeds and memory",
+    "/exit": "leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)",
+}
+HELP = "commands: " + ", ".join(COMMANDS) + "; Ctrl-C stops reading or answering; //text sends /text"
+DEFAULT_BUDGET = 1024  # tokens of --memory and --chunk when a policy is named without them
+FLOAT16_SPEEDUP = "1.5-2.7x faster CPU decode, logits within ~0.04 (docs/RESULTS.md)"
+PLUGIN_HELP = "import a module (dotted name, or a .py file) that registers policies, schedules or backends"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.chat", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m engine.chat", description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", help="checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("-p", "--prompt", help="answer this one message and exit")
     p.add_argument("-f", "--file", help="a document put in the context before the conversation")
     p.add_argument("-sys", "--system-prompt", help="system message")
     p.add_argument(
-        "-n", "--predict", type=int, default=-1, help="tokens to generate per answer (-1: until EOS)"
+        "-n", "--predict", type=int, default=-1, help="tokens to generate per answer (negative: until EOS)"
     )
     p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (0: off)")
@@ -46,14 +55,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--seed", type=int, default=-1, help="sampling seed (-1: random)")
     p.add_argument("--backend", default="auto", help=f"attention backend: {', '.join(backends.available())}")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
-    p.add_argument("--weight-dtype", help="store weights narrower: float16 ~2x CPU decode (default: --dtype)")
+    p.add_argument("--weight-dtype", help=f"store weights narrower: float16 is {FLOAT16_SPEEDUP}")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--chat-template-file", help="a Jinja chat template replacing the checkpoint's")
     long = p.add_argument_group("long context: chunked prefill into a compressed memory")
-    long.add_argument("--schedule", default="full", help="full, fixed, im, imdc, or a plugin's")
+    long.add_argument(
+        "--schedule",
+        help="full, fixed, im, imdc, or a plugin's (default: imdc when --policy is given, else full)",
+    )
     long.add_argument("--policy", default="none", help="none, streaming, snapkv, h2o, ..., or a plugin's")
-    long.add_argument("--memory", type=int, default=1024, help="memory budget M in tokens (sinks excluded)")
-    long.add_argument("--chunk", type=int, default=1024, help="chunk size c in tokens")
+    long.add_argument(
+        "--memory", type=int, help=f"memory budget M in tokens, sinks excluded (default {DEFAULT_BUDGET})"
+    )
+    long.add_argument("--chunk", type=int, help=f"chunk size c in tokens (default {DEFAULT_BUDGET})")
     long.add_argument("--sinks", type=int, default=4, help="first tokens never evicted")
     long.add_argument("--positions", default="compact", help="compact (renumber each step) or original")
     long.add_argument(
@@ -68,51 +82,38 @@ def parser() -> argparse.ArgumentParser:
     long.add_argument(
         "--schedule-arg", action="append", default=[], metavar="KEY=VALUE", help="e.g. shape=sqrt"
     )
-    long.add_argument(
-        "--plugin", action="append", default=[], metavar="MODULE", help="import a policy module"
-    )
+    long.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
     long.add_argument("--stats", action="store_true", help="print per-step prefill stats after each answer")
     return p
-
-
-def parse_options(pairs: Sequence[str], flag: str) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        options[key.strip()] = _value(text.strip())
-    return options
-
-
-def _value(text: str) -> object:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def prefill_config(args: argparse.Namespace) -> PrefillConfig:
     for module in args.plugin:
         load_plugin(module)
-    return PrefillConfig(
+    config = PrefillConfig(
         schedule=args.schedule,
         policy=args.policy,
-        memory=args.memory,
-        chunk=args.chunk,
+        memory=DEFAULT_BUDGET if args.memory is None else args.memory,
+        chunk=DEFAULT_BUDGET if args.chunk is None else args.chunk,
         sinks=args.sinks,
         positions=args.positions,
         policy_args=parse_options(args.policy_arg, "--policy-arg"),
         schedule_args=parse_options(args.schedule_arg, "--schedule-arg"),
         decode_memory=args.decode_memory,
     )
+    # A budget or a chunk that nothing would use means the user expected compression: say so.
+    if config.policy == NO_POLICY and config.decode_memory is None:
+        if args.memory is not None:
+            raise ValueError(
+                f"--memory {args.memory} sets a compression budget, but no --policy chooses which tokens to "
+                "keep: add one, e.g. --policy snapkv (or streaming, h2o, ...)"
+            )
+        if args.chunk is not None and config.schedule == FULL_SCHEDULE:
+            raise ValueError(
+                f"--chunk {args.chunk} splits the prompt only with a chunked --schedule (fixed, im, imdc) "
+                "or a --policy (then imdc)"
+            )
+    return config
 
 
 def sampling(args: argparse.Namespace) -> Sampling:
@@ -149,7 +150,7 @@ def format_stats(completion: Completion, document: PrefillResult | None = None) 
 
 
 class Interrupts:
-    """While an answer is generated, Ctrl-C stops it; a second Ctrl-C before it stops exits."""
+    """While a message is read or answered, Ctrl-C stops it; a second Ctrl-C before it stops exits."""
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
@@ -169,20 +170,20 @@ class Interrupts:
 
 
 def warn_if_beyond_window(llm: LLM, session: ChatSession, config: PrefillConfig) -> None:
-    if session.document is None or config.schedule != "full":
+    if session.document is None or config.schedule != FULL_SCHEDULE:
         return
-    tokens = len(llm.tokenizer.encode(session.document, add_special=False))
+    tokens = session.document_tokens()
     window = llm.config.max_position_embeddings
     if tokens > window:
-        print(
-            f"note: the document has {tokens} tokens, more than the model's {window}-token window; "
-            "try --schedule imdc --policy snapkv --memory 1024 --chunk 1024",
-            file=sys.stderr,
+        notice(
+            f"the document has {tokens} tokens, more than the model's {window}-token window; "
+            "try --schedule imdc --policy snapkv --memory 1024 --chunk 1024"
         )
 
 
 def run(args: argparse.Namespace) -> int:
     config = prefill_config(args)
+    options = sampling(args)
     template = Path(args.chat_template_file).read_text(encoding="utf-8") if args.chat_template_file else None
     document = Path(args.file).read_text(encoding="utf-8") if args.file else None
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
@@ -197,36 +198,46 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession(
         llm,
         prefill=config,
-        sampling=sampling(args),
+        sampling=options,
         system_prompt=args.system_prompt,
         document=document,
         query_aware=args.query_aware,
     )
     warn_if_beyond_window(llm, session, config)
-    max_tokens = sys.maxsize if args.predict < 0 else args.predict
     interrupts = Interrupts()
 
-    def answer(text: str) -> None:
+    def answer(text: str) -> bool:
+        """Answer ``text``; False when Ctrl-C stopped the reading (the conversation is unchanged)."""
         with interrupts as cancel:
-            completion = session.ask(
-                text,
-                max_tokens=max_tokens,
-                on_text=lambda piece: print(piece, end="", flush=True),
-                cancel=cancel,
-                ignore_eos=args.ignore_eos,
-            )
+            try:
+                completion = session.ask(
+                    text,
+                    max_tokens=args.predict,
+                    on_text=lambda piece: print(piece, end="", flush=True),
+                    cancel=cancel,
+                    ignore_eos=args.ignore_eos,
+                )
+            except PrefillCancelled:
+                print("[stopped reading; the conversation is as it was before this message]", file=sys.stderr)
+                return False
         print(" [stopped]" if completion.finish_reason == "cancelled" else "", flush=True)
         if args.stats:
             # In -p mode the document is read inside the first answer: show its steps there.
             document = session.document_prefill if args.prompt is not None else None
             print(format_stats(completion, document), file=sys.stderr)
+        return True
 
     if args.prompt is not None:
-        answer(args.prompt)
-        return 0
+        return 0 if answer(args.prompt) else 130
     if document is not None and not args.query_aware:
-        session.read_document()
-        print(f"read {session.document_prefill.memory.seen} tokens of {args.file}", file=sys.stderr)
+        with interrupts as cancel:
+            try:
+                session.read_document(cancel=cancel)
+                print(f"read {session.document_tokens()} tokens of {args.file}", file=sys.stderr)
+            except PrefillCancelled:
+                print(
+                    f"stopped reading {args.file}; it will be read with your first message", file=sys.stderr
+                )
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -235,29 +246,26 @@ def run(args: argparse.Namespace) -> int:
             print(file=sys.stderr)
             return 0
         command = text.strip()
-        if command in ("/exit", "/quit"):
+        if command.startswith("//"):
+            answer(command[1:])
+        elif command in ("/exit", "/quit"):
             return 0
-        if command == "/reset":
+        elif command == "/help":
+            print("\n".join(f"{name:<7} {meaning}" for name, meaning in COMMANDS.items()), file=sys.stderr)
+        elif command == "/reset":
             session.reset()
             print("conversation reset", file=sys.stderr)
         elif command == "/stats":
             print(format_stats(session.turns[-1]) if session.turns else "no answer yet", file=sys.stderr)
+        elif command.startswith("/"):
+            print(f"unknown command {command.split()[0]}, see /help", file=sys.stderr)
         elif command:
             answer(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as error:
-        if os.environ.get("ENGINE_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_main(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

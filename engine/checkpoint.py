@@ -40,6 +40,15 @@ def load_model(
     stores the embedding and linear weights narrower, e.g. float16 for twice the decode speed on a CPU.
     """
     directory = Path(directory)
+    if directory.is_file() and directory.suffix.lower() == ".gguf":
+        raise CheckpointError(
+            f"{directory} is a GGUF file; convert it into a checkpoint directory once with "
+            f"`python -m tools.convert_gguf {directory} DIR`, then pass -m DIR"
+        )
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory} is a file; -m takes a checkpoint directory (config.json, *.safetensors)"
+        )
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} not found")
     config = load_config(directory)

@@ -47,6 +47,13 @@ class ModelConfig:
 
 
 ROPE_KINDS = ("default", "linear", "llama3")
+_REQUIRED_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 
 def load_config(directory: Path) -> ModelConfig:
@@ -74,20 +81,31 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
         raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported; only 'silu'")
 
     try:
-        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        sizes = {name: int(raw[name]) for name in _REQUIRED_SIZES}
+        heads = sizes["num_attention_heads"]
+        sizes["num_key_value_heads"] = int(raw.get("num_key_value_heads") or heads)
+        sizes["max_position_embeddings"] = int(raw.get("max_position_embeddings", 4096))
+        if raw.get("head_dim"):
+            sizes["head_dim"] = int(raw["head_dim"])
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {value}")
+        hidden, kv_heads = sizes["hidden_size"], sizes["num_key_value_heads"]
+        eps = float(raw.get("rms_norm_eps", 1e-6))
+        if not eps > 0:
+            raise ConfigError(f"config.json: rms_norm_eps must be positive, got {eps}")
         config = ModelConfig(
             architecture=architecture,
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=sizes["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            intermediate_size=sizes["intermediate_size"],
+            num_layers=sizes["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            head_dim=sizes.get("head_dim") or hidden // heads,
+            rms_norm_eps=eps,
             rope=_rope_config(raw),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=sizes["max_position_embeddings"],
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=_sliding_window(raw),
             bos_token_id=raw.get("bos_token_id"),
@@ -96,10 +114,14 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
         )
     except KeyError as missing:
         raise ConfigError(f"config.json lacks the required field {missing.args[0]!r}") from None
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config.json has a malformed field: {error}") from None
     if heads % kv_heads:
         raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if config.head_dim % 2:
+        raise ConfigError(f"head_dim {config.head_dim} is odd; rotary embeddings need an even head size")
     return config
 
 
@@ -145,6 +167,8 @@ def _sliding_window(raw: dict[str, Any]) -> int | None:
     window = raw.get("sliding_window")
     if window is None or raw.get("use_sliding_window") is False:
         return None
+    if int(window) <= 0:
+        raise ConfigError(f"config.json: sliding_window must be a positive number of tokens, got {window}")
     return int(window)
 
 

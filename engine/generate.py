@@ -3,6 +3,8 @@ repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw (temperatur
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -22,6 +24,14 @@ class Sampling:
     seed: int | None = None  # None: a random seed
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "repeat_last_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
@@ -90,13 +100,14 @@ def generate_tokens(
     decoder,
     *,
     history: Sequence[int],
-    max_tokens: int,
+    max_tokens: int | None,
     eos_ids: Sequence[int],
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Generated:
-    """Sample up to ``max_tokens`` tokens, feeding each accepted one through ``step`` (token -> logits).
+    """Sample up to ``max_tokens`` tokens (None or negative: no limit), feeding each accepted one
+    through ``step`` (token -> logits).
 
     ``decoder`` is the tokenizer's streaming decoder (``push(id) -> str``, ``flush() -> str``). Text
     that might be the start of a stop string is held back from ``on_text`` until it is decided.
@@ -106,7 +117,8 @@ def generate_tokens(
     text = ""
     emitted = 0
     finish = "length"
-    for _ in range(max_tokens):
+    unlimited = max_tokens is None or max_tokens < 0
+    for _ in itertools.count() if unlimited else range(max_tokens):
         if cancel is not None and cancel.is_set():
             finish = "cancelled"
             break

@@ -13,12 +13,13 @@ from torch import nn
 
 import backends
 import schedules
-from engine.attention import AttentionSetup, MemoryAttention
+from engine.attention import AttentionSetup, MemoryAttention, PrefillCancelled
 from engine.cache import KVMemory
 from engine.checkpoint import DTYPES, load_model
 from engine.config import ModelConfig
 from engine.generate import Sampler, Sampling, generate_tokens
-from engine.prefill import PrefillConfig, PrefillResult, run_prefill
+from engine.peak_memory import require_available
+from engine.prefill import PrefillConfig, PrefillResult, prefill_bytes, run_prefill
 from engine.tokenizer import Tokenizer, load_tokenizer
 from models.rope import Rope
 from policies import Policy
@@ -103,17 +104,37 @@ class LLM:
         *,
         memory: KVMemory | None = None,
         progress: bool = False,
+        cancel: threading.Event | None = None,
     ) -> PrefillResult:
-        """Feed ``ids`` into ``memory`` (a new one if None) by ``config``'s schedule and policy."""
+        """Feed ``ids`` into ``memory`` (a new one if None) by ``config``'s schedule and policy.
+
+        Setting ``cancel`` stops the prefill within about a layer's time with ``PrefillCancelled``;
+        a given ``memory`` is then put back as it was before the call.
+        """
         config = config or PrefillConfig()
-        continuing = memory is not None and memory.seen > 0
+        held = memory.kept() if memory is not None and memory.seen > 0 else None
         memory = memory if memory is not None else self.new_memory(config.sinks)
         tokens = self._tensor(ids)
-        setup = self.attention_setup(config.build_policy(), config.positions)
-        plan = config.plan(tokens.shape[1], continuing=continuing)
-        return run_prefill(
-            self.model, memory, tokens, plan, setup, query_window=config.query_window, progress=progress
+        policy = config.build_policy()
+        setup = self.attention_setup(policy, config.positions)
+        plan = config.plan(tokens.shape[1], held=held)
+        require_available(
+            prefill_bytes(self.config, memory, plan, len(policy.state)),
+            self.device,
+            f"reading {tokens.shape[1]} tokens with schedule {config.schedule}",
+            "bound the memory, e.g. --schedule imdc --policy snapkv --memory 1024 --chunk 1024"
+            if config.schedule == "full"
+            else "use a smaller --memory or --chunk",
         )
+        restore = memory.rollback_point(appending_only=all(step.memory is None for step in plan))
+        try:
+            return run_prefill(
+                self.model, memory, tokens, plan, setup,
+                query_window=config.query_window, progress=progress, cancel=cancel,
+            )  # fmt: skip
+        except PrefillCancelled:
+            restore()
+            raise
 
     def generate(
         self,
@@ -121,16 +142,20 @@ class LLM:
         *,
         prefill: PrefillConfig | None = None,
         sampling: Sampling | None = None,
-        max_tokens: int = 256,
+        max_tokens: int | None = 256,
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
         ignore_eos: bool = False,
         progress: bool = False,
     ) -> Completion:
-        """Complete ``prompt`` (text, encoded as the tokenizer does, or token ids) without a chat template."""
+        """Complete ``prompt`` (text, encoded as the tokenizer does, or token ids) without a chat template.
+
+        ``max_tokens``: at most this many tokens; None or a negative number generates until an
+        end-of-sequence token, a ``stop`` string or ``cancel`` (as ``-n -1`` does on the command line).
+        """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        result = self.prefill(ids, prefill, progress=progress)
+        result = self.prefill(ids, prefill, progress=progress, cancel=cancel)
         return self.complete(
             result, ids, prefill=prefill, sampling=sampling, max_tokens=max_tokens, stop=stop,
             on_text=on_text, cancel=cancel, ignore_eos=ignore_eos,
@@ -147,7 +172,7 @@ class LLM:
         *,
         prefill: PrefillConfig | None = None,
         sampling: Sampling | None = None,
-        max_tokens: int = 256,
+        max_tokens: int | None = 256,
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
@@ -185,7 +210,18 @@ class LLM:
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
         if len(ids) == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        try:
+            tokens = torch.tensor([list(ids)], dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"token ids must be integers, got {list(ids)[:8]!r}") from None
+        vocabulary = self.config.vocab_size
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocabulary:
+            raise ValueError(
+                f"token id {low if low < 0 else high} is outside the model's vocabulary of {vocabulary} "
+                f"(ids 0..{vocabulary - 1})"
+            )
+        return tokens.to(self.device)
 
 
 def load(
@@ -208,12 +244,31 @@ def load(
     if backend not in backends.available():
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(backends.available())}")
     dtype, weight_dtype = parse_dtype(dtype, "dtype"), parse_dtype(weight_dtype, "weight dtype")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     path = Path(model) if model is not None else default_model_dir()
     config, module = load_model(path, dtype=dtype, weight_dtype=weight_dtype, device=device)
     tokenizer = load_tokenizer(path, chat_template=chat_template)
     activations = module.model.norm.weight.dtype
     return LLM(path, config, module, tokenizer, backend=backend, device=device, dtype=activations)
+
+
+def parse_device(value: str | torch.device | None) -> torch.device:
+    """The device named (None: cuda when available, else cpu), refused clearly when it can't be used."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {value!r}; use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {value!r} is not supported; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {value!r}: {build}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {value!r}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
 
 
 def parse_dtype(value: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:

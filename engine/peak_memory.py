@@ -64,6 +64,27 @@ def current_bytes(device: torch.device) -> int:
     return proc_field("/proc/self/status", "VmRSS") or 0
 
 
+class NotEnoughMemoryError(ValueError):
+    """A run would need more memory than the device has free; refused before it starts."""
+
+
+def require_available(needed: int, device: torch.device, what: str, fix: str) -> None:
+    """Refuse, with ``fix`` as the advice, when ``needed`` bytes exceed what ``device`` has free."""
+    free = available_bytes(device)
+    if free is not None and needed > free:
+        raise NotEnoughMemoryError(
+            f"{what} needs about {needed / 2**30:.1f} GiB but {device.type} has {free / 2**30:.1f} GiB "
+            f"available; {fix}"
+        )
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory the device can still give: free CUDA memory, or the system's MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return proc_field("/proc/meminfo", "MemAvailable")
+
+
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS: glibc keeps it resident otherwise, so the resident set
     (and so the CPU peak) would carry what earlier work freed."""

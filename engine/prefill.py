@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,23 +16,33 @@ import policies
 import schedules
 from engine.attention import POSITION_MODES, AttentionSetup, MemoryAttention
 from engine.cache import KVMemory
+from engine.config import ModelConfig
+from engine.notices import notice
 from engine.peak_memory import begin_step, step_peak
 
 PROGRESS_MIN_TOKENS = 1024  # shorter prompts are read too fast for a progress bar to help
+NO_POLICY = "none"
+FULL_SCHEDULE = "full"
+COMPRESSING_SCHEDULE = "imdc"  # what naming a policy without a schedule means
+SPARSE_START_RATIO = 64  # a first step keeping under 1/64 of its chunk gets a note
+SCORE_ROWS = 512  # query rows whose attention scores are materialised at once (reference backend)
 
 
 @dataclass(frozen=True)
 class PrefillConfig:
     """How a prompt is prefilled and how much memory it may keep.
 
-    ``memory`` and ``chunk`` are the schedule's M and c in tokens (sinks not counted); ``sinks`` first
-    tokens are never evicted; ``positions`` is "compact" (renumber every step: any length fits the
-    model's window) or "original". ``decode_memory`` bounds the memory during generation as well.
-    ``query_window`` > 0 makes compression query-aware: the prompt's last ``query_window`` tokens
-    (the question) are also run after every earlier chunk, and policies score with their attention.
+    ``schedule`` defaults to ``imdc`` when a compressing ``policy`` is named and to ``full`` (one
+    step, nothing dropped) otherwise; ``full`` with a compressing policy is refused unless
+    ``decode_memory`` is set (then only generation compresses). ``memory`` and ``chunk`` are the
+    schedule's M and c in tokens (sinks not counted); ``sinks`` first tokens are never evicted;
+    ``positions`` is "compact" (renumber every step: any length fits the model's window) or
+    "original". ``decode_memory`` bounds the memory during generation as well. ``query_window`` > 0
+    makes compression query-aware: the prompt's last ``query_window`` tokens (the question) are also
+    run after every earlier chunk, and policies score with their attention.
     """
 
-    schedule: str = "full"
+    schedule: str | None = None
     policy: str = "none"
     memory: int = 1024
     chunk: int = 1024
@@ -56,6 +67,15 @@ class PrefillConfig:
             )
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+        compressing = self.policy != NO_POLICY
+        if self.schedule is None:
+            object.__setattr__(self, "schedule", COMPRESSING_SCHEDULE if compressing else FULL_SCHEDULE)
+        if self.schedule == FULL_SCHEDULE and compressing and self.decode_memory is None:
+            raise ValueError(
+                f"schedule 'full' keeps every token, so policy {self.policy!r} would never run: choose a "
+                "compressing schedule (--schedule fixed, im or imdc; imdc when none is given) or set a "
+                "decode memory to compress only while generating"
+            )
         self.build_schedule()
         self.build_policy()
 
@@ -65,16 +85,54 @@ class PrefillConfig:
     def build_policy(self) -> policies.Policy:
         return policies.get(self.policy, **self.policy_args)
 
-    def plan(self, length: int, *, continuing: bool) -> list[schedules.Step]:
-        """The steps for ``length`` new tokens. A memory that already holds context (a later turn) is
-        never squeezed below ``memory``: growth shapes only make sense from an empty memory."""
+    def plan(self, length: int, *, held: int | None = None) -> list[schedules.Step]:
+        """The steps for ``length`` new tokens fed to a new memory (``held`` None) or to one that
+        already holds ``held`` tokens beyond its sinks.
+
+        A later turn no longer than a chunk is appended without eviction while the
+        memory stays within M + c, the span the schedule attends anyway: a question asked after a
+        document is read, then answered, over the compressed document (as kvpress evaluates). A
+        longer turn is read like a document, and its steps never squeeze the memory below M: growth
+        shapes only make sense from an empty memory.
+        """
         steps = self.build_schedule().plan(length)
-        if not continuing:
+        if held is None:
+            _warn_if_sparse_start(self, steps)
             return steps
+        if length <= self.chunk and held + length <= self.memory + self.chunk:
+            return [schedules.Step(length, None)] if length else []
         return [
             schedules.Step(step.chunk, None if step.memory is None else max(step.memory, self.memory))
             for step in steps
         ]
+
+
+def _warn_if_sparse_start(config: PrefillConfig, steps: list[schedules.Step]) -> None:
+    """A growing schedule over a prompt of many more steps than M/c keeps almost nothing early on."""
+    first = steps[0] if len(steps) > 1 else None
+    if first is None or first.memory is None or first.memory * SPARSE_START_RATIO >= first.chunk:
+        return
+    notice(
+        f"{config.schedule} keeps only {first.memory} of the first {first.chunk} tokens ({len(steps)} steps "
+        f"growing to M={config.memory}): early text is nearly all dropped; a larger --memory or the "
+        "'fixed' schedule keeps more of it",
+        key=f"sparse-start-{config.schedule}",
+    )
+
+
+def prefill_bytes(config: ModelConfig, memory: KVMemory, plan: list[schedules.Step], states: int) -> int:
+    """About the most memory reading ``plan`` into ``memory`` needs at once: the KV entries of its
+    widest step (what the memory holds, plus sinks, plus the schedule's peak span) and the
+    activations and one tile of attention scores of its largest chunk."""
+    if not plan:
+        return 0
+    widest = memory.longest + memory.sinks + schedules.peak_span(plan)
+    chunk = max(step.chunk for step in plan)
+    element = memory.layers[0].keys.element_size()
+    q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_token = 4 * config.hidden_size + 2 * (q_size + 2 * kv_size) + 3 * config.intermediate_size
+    scores = min(chunk, SCORE_ROWS) * widest * config.num_heads * 4 * 2
+    return memory.bytes_per_token(states) * widest + chunk * per_token * element + scores
 
 
 @dataclass(frozen=True)
@@ -108,12 +166,14 @@ def run_prefill(
     query_window: int = 0,
     all_logits: bool = False,
     progress: bool = False,
+    cancel: threading.Event | None = None,
 ) -> PrefillResult:
     """Feed ``ids`` [B, L] into ``memory`` step by step; the attention callback compresses each layer.
 
     With ``query_window``, every step that ends before the question (the last ``query_window``
     tokens) feeds the question after its chunk as observers; steps holding part of it observe with
-    those rows.
+    those rows. Setting ``cancel`` stops the prefill within a layer with ``PrefillCancelled``,
+    leaving ``memory`` part-way through a step (``LLM.prefill`` puts it back).
     """
     device = ids.device
     length = ids.shape[1]
@@ -137,8 +197,9 @@ def run_prefill(
             elif query_window:
                 rows = end - max(offset, question_start)
             attend = MemoryAttention(
-                memory, setup, budget=step.memory, step=index, observers=observers, query_rows=rows
-            )
+                memory, setup, budget=step.memory, step=index, observers=observers, query_rows=rows,
+                cancel=cancel,
+            )  # fmt: skip
             logits.append(model(tokens, attend, all_logits=all_logits))
             memory.seen += step.chunk
             offset = end

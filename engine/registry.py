@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -94,14 +98,40 @@ def _options(factory: Callable[..., Any]) -> tuple[list[str], list[str]] | None:
     return [p.name for p in named], [p.name for p in named if p.default is p.empty]
 
 
-def load_plugin(module_path: str) -> None:
-    """Import a user's module so that its ``@registry.register`` decorators run."""
+def load_plugin(name: str) -> None:
+    """Import a user's module so that its ``@registry.register`` decorators run.
+
+    ``name`` is a dotted module name on the import path, or the path of a ``.py`` file.
+    """
+    path = Path(name)
+    if name.endswith(".py") or os.sep in name:
+        if not path.is_file():
+            raise ValueError(f"plugin file {name} not found; give a .py file or an importable module name")
+        spec = importlib.util.spec_from_file_location(f"engine_plugin_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        _run_plugin(name, lambda: spec.loader.exec_module(module))
+        return
+    _run_plugin(name, lambda: importlib.import_module(name))
+
+
+def _run_plugin(name: str, load: Callable[[], object]) -> None:
     try:
-        importlib.import_module(module_path)
+        load()
     except ModuleNotFoundError as error:
-        if error.name and module_path.startswith(error.name):
+        if error.name == name or name.startswith(f"{error.name}."):
             raise ValueError(
-                f"plugin module {module_path!r} not found; give an importable module path "
-                "(a package installed or a .py file's module name on PYTHONPATH)"
+                f"plugin module {name!r} not found; give an importable module name (a package installed, "
+                "or a module on PYTHONPATH) or the path of a .py file"
             ) from None
-        raise
+        raise ValueError(
+            f"plugin {name!r} needs the module {error.name!r}, which is not installed: install it, or fix "
+            "the plugin's import"
+        ) from None
+    except Exception as error:  # the plugin is the user's code: any failure to import is theirs to see
+        where = ""
+        if isinstance(error, SyntaxError):
+            where = f" (line {error.lineno})"
+        raise ValueError(
+            f"plugin {name!r} failed to import: {type(error).__name__}: {error}{where}"
+        ) from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import operator
 import re
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
@@ -35,6 +37,11 @@ class TokenizerNotFoundError(FileNotFoundError):
 class ChatTemplateError(ValueError):
     """A chat template failed to compile or to render; the message says why."""
 
+
+# Bounds on rendering a chat template, which is code shipped with a checkpoint.
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_EXTRA_CHARS = 1 << 20  # on top of 4x the conversation's own text
+TEMPLATE_MAX_NUMBER = 1 << 20  # largest repeat count, exponent bits or numeric call argument
 
 # Used when a checkpoint ships no chat template.
 CHATML_TEMPLATE = (
@@ -247,9 +254,13 @@ class Tokenizer:
             "tools": None,
             "documents": None,
         }
-        template = self._compiled_template
+        content = sum(len(str(message.get("content", ""))) for message in messages)
         try:
-            return template.render(**variables)
+            return _render_bounded(
+                self._compiled_template, variables, max_chars=4 * content + TEMPLATE_EXTRA_CHARS
+            )
+        except _TemplateLimit as error:
+            raise ChatTemplateError(f"the chat template was stopped: {error}") from None
         except _TemplateRaised as error:
             raise ChatTemplateError(f"the chat template rejected the conversation: {error}") from None
         except Exception as error:  # the template is code from the checkpoint; any failure is its failure
@@ -273,7 +284,7 @@ class Tokenizer:
 
     @cached_property
     def _compiled_template(self) -> jinja2.Template:
-        environment = ImmutableSandboxedEnvironment(
+        environment = _BoundedSandbox(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
         )
         environment.filters["tojson"] = _tojson
@@ -363,6 +374,60 @@ def _check_text(text: str) -> None:
 
 class _TemplateRaised(Exception):
     """A template called ``raise_exception``."""
+
+
+class _TemplateLimit(Exception):
+    """A template ran too long, or built text or lists too large to be a prompt."""
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, also refusing ``*`` and ``**`` whose results would be huge (``'a' * 10**9``) and
+    calls with huge numeric arguments (``'x'.ljust(10**9)``): such values are built in one step, before
+    any time or size limit could see them."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > TEMPLATE_MAX_NUMBER.bit_length():
+            raise _TemplateLimit(f"an exponent of {right} is too large for a chat template")
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                repeated = isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
+                if repeated and len(sequence) * count > TEMPLATE_MAX_NUMBER:
+                    kind = type(sequence).__name__
+                    raise _TemplateLimit(f"repeating a {kind} {count} times is too large")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > TEMPLATE_MAX_NUMBER:
+                raise _TemplateLimit(f"an argument of {value} is too large for a chat template")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _render_bounded(template: jinja2.Template, variables: dict[str, Any], *, max_chars: int) -> str:
+    """Render within ``TEMPLATE_SECONDS`` and ``max_chars``: templates come with checkpoints and are
+    untrusted. The time limit is a trace function on the template's own frames, so a loop that
+    writes nothing (nested ``range(100000)``) is stopped too."""
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TemplateLimit(f"it ran for more than {TEMPLATE_SECONDS:g} s (a loop far too long?)")
+        return trace
+
+    pieces, size = [], 0
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > max_chars:
+                raise _TemplateLimit(f"it wrote more than {max_chars} characters for this conversation")
+            pieces.append(piece)
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 def _raise_exception(message: str) -> None:

@@ -1,7 +1,12 @@
 """``im`` (Incremental Memory): chunks as ``fixed``, a memory budget that grows to ``memory`` by a shape.
 
-With ``N`` steps and ``a = floor(M/N)``, step ``i < N-1`` keeps ``m_i`` tokens (the paper's formulas,
-truncated to int) and the last step keeps ``M``. Every shape starts at ``a`` and never decreases.
+With ``N`` steps, step ``i < N-1`` keeps ``m_i`` tokens by the paper's formulas and the last step
+keeps ``M``. The paper starts every shape at ``a = floor(M/N)``; here ``a`` is the exact fraction
+``M/N`` and each ``m_i`` is the formula truncated to an integer, floored at ``ceil(M/N)``. Where
+``M/N`` is an integer (the paper's settings) both give exactly the paper's values. Where it is not,
+the paper's floor makes the whole curve collapse to 0 once ``N > M`` (``M = 256, c = 256`` on any
+prompt over 65,536 tokens kept nothing until the last step); the exact fraction grows by ``M/N`` per
+step instead, and no step keeps fewer than ``ceil(M/N)`` tokens (at least 1 when ``M > 0``).
 """
 
 from __future__ import annotations
@@ -9,19 +14,35 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 from schedules import ChunkedSchedule, Step, register
 from schedules.fixed import fixed_chunks
 
-# (i, N, M, a) -> m_i for 0 <= i < N-1. Integer arithmetic gives exactly the truncated real value,
-# where floats could land just below an integer and truncate one too low.
-SHAPES: dict[str, Callable[[int, int, int, int], int]] = {
-    "linear": lambda i, n, m, a: a * (i + 1),  # a(i+1)
-    "square": lambda i, n, m, a: a + (m - a) * i * i // (n - 1) ** 2,  # a + (M-a) i²/(N-1)²
-    "sqrt": lambda i, n, m, a: a + math.isqrt((m - a) ** 2 * i // (n - 1)),  # a + (M-a) sqrt(i/(N-1))
+
+def _floor_sqrt_sum(a: Fraction, square: Fraction) -> int:
+    """floor(a + sqrt(square)) exactly, for a >= 0 and square >= 0."""
+    value = math.floor(a + math.sqrt(square))
+    while value + 1 - a <= 0 or (value + 1 - a) ** 2 <= square:
+        value += 1
+    while value - a > 0 and (value - a) ** 2 > square:
+        value -= 1
+    return value
+
+
+# (i, N, M, a) -> m_i for 0 <= i < N-1, with a = M/N as an exact fraction. Exact rational arithmetic
+# gives exactly the truncated real value, where floats could land just below an integer.
+SHAPES: dict[str, Callable[[int, int, int, Fraction], int]] = {
+    "linear": lambda i, n, m, a: math.floor(a * (i + 1)),  # a(i+1)
+    "square": lambda i, n, m, a: math.floor(
+        a + (m - a) * Fraction(i * i, (n - 1) ** 2)
+    ),  # a + (M-a) i²/(N-1)²
+    "sqrt": lambda i, n, m, a: _floor_sqrt_sum(
+        a, (m - a) ** 2 * Fraction(i, n - 1)
+    ),  # a + (M-a) sqrt(i/(N-1))
     "inverse_convex": lambda i, n, m, a: m // (n - i),  # M/(N-i)
-    "inverse_concave": lambda i, n, m, a: m + a + (-m // (i + 1)),  # M + a - M/(i+1)
+    "inverse_concave": lambda i, n, m, a: math.floor(m + a - Fraction(m, i + 1)),  # M + a - M/(i+1)
 }
 
 
@@ -29,8 +50,9 @@ def memory_curve(shape: str, memory: int, steps: int) -> list[int]:
     """The budget kept after each of ``steps`` steps: ``shape``'s m_i, then ``memory`` at the last."""
     if steps == 0:
         return []
-    grow, first = SHAPES[shape], memory // steps
-    return [grow(i, steps, memory, first) for i in range(steps - 1)] + [memory]
+    grow, share = SHAPES[shape], Fraction(memory, steps)
+    least = math.ceil(share)
+    return [max(least, grow(i, steps, memory, share)) for i in range(steps - 1)] + [memory]
 
 
 @register("im")

@@ -25,6 +25,7 @@ import numpy
 import torch
 from tqdm import tqdm
 
+from engine.cli import run_main
 from engine.generate import GREEDY
 from engine.llm import LLM, load
 from tools.eval_ppl import corpus_samples
@@ -38,7 +39,6 @@ from tools.report import (
     parse_list,
     publish,
     ratio,
-    run_guarded,
     start_report,
     tool_parser,
 )
@@ -155,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_guarded(lambda: _run(args, argv))
+    return run_main(lambda: _run(args, argv), debug=args.debug)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

@@ -20,9 +20,11 @@ import torch
 from tqdm import tqdm
 
 import schedules
+from engine.cli import run_main
 from engine.llm import LLM
+from engine.peak_memory import available_bytes
 from engine.prefill import PrefillConfig
-from tools.measure import DoesNotFit, available_bytes, measure, memory_limit
+from tools.measure import DoesNotFit, measure, memory_limit
 from tools.prefill_specs import FULL, policy_args_of
 from tools.report import (
     GIB,
@@ -33,7 +35,6 @@ from tools.report import (
     parse_list,
     publish,
     ratio,
-    run_guarded,
     start_report,
     tool_parser,
 )
@@ -94,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_guarded(lambda: _run(args, argv))
+    return run_main(lambda: _run(args, argv), debug=args.debug)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -119,7 +120,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         for name in names
         if name != FULL
     ]
-    plans = [config.plan(args.length, continuing=False) for config, _ in runs]
+    plans = [config.plan(args.length) for config, _ in runs]
     llm = load_from_args(args)
     settings = {
         "shape": args.shape if args.model is None else "checkpoint",
@@ -163,7 +164,7 @@ def _cpu_limit(gib: float | None) -> int | None:
         if gib < 0:
             raise ToolError(f"--memory-limit-gib must be positive (or 0 for none), got {gib}")
         return int(gib * GIB)
-    available = available_bytes()
+    available = available_bytes(torch.device("cpu"))
     return None if available is None else int(available * DEFAULT_CPU_SHARE)
 
 

@@ -31,7 +31,8 @@ import torch
 import backends
 from backends import AttentionSpec, Backend
 from backends.reference import visible
-from engine.registry import UnknownNameError, load_plugin
+from engine.cli import Parser, run_main
+from engine.registry import load_plugin
 
 OPS = ("prefill", "scores", "scores_last", "decode")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -580,9 +581,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.check_backends", description=__doc__.split("\n\n")[0]
-    )
+    parser = Parser(prog="python -m tools.check_backends", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     test = commands.add_parser("test", help="every backend against the reference on a fixed case list")
     test.add_argument("--op", action="append", choices=OPS, help="only this op (repeatable)")
@@ -625,14 +624,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.device_given = args.device is not None
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     commands = {"test": _test, "perf": _perf, "support": _support}
-    try:
+
+    def run() -> int:
         _load_plugins(args.plugin)
         if args.command != "support" and args.device.startswith("cuda") and not torch.cuda.is_available():
             raise CheckError(f"--device {args.device}: no CUDA device here; use --device cpu")
         return commands[args.command](args)
-    except (CheckError, UnknownNameError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+    return run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ engine and Hugging Face ``transformers`` load.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
+
+from engine.cli import Parser, run_main
 
 # Written last into a finished conversion; bump the version when the output format changes so that
 # caches built by an older converter are rebuilt.
@@ -441,7 +442,7 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m tools.convert_gguf",
         description="Convert a Llama GGUF file into a checkpoint directory.",
     )
@@ -449,13 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="the checkpoint directory to create (must not exist)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        out = convert(args.src, args.out_dir, progress=not args.quiet)
-    except (GGUFConversionError, GGUFFileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+
+    def run() -> int:
+        print(f"wrote {convert(args.src, args.out_dir, progress=not args.quiet)}")
+        return 0
+
+    return run_main(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from engine.cli import run_main
 from engine.generate import GREEDY
 from engine.llm import LLM
 from engine.tokenizer import Tokenizer
@@ -37,7 +38,6 @@ from tools.report import (
     add_output_options,
     parse_list,
     publish,
-    run_guarded,
     start_report,
     tool_parser,
 )
@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_guarded(lambda: _run(args, argv))
+    return run_main(lambda: _run(args, argv), debug=args.debug)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

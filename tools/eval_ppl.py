@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import schedules
+from engine.cli import run_main
 from engine.llm import LLM
 from engine.prefill import PrefillConfig, run_prefill
 from engine.tokenizer import Tokenizer
@@ -35,7 +36,6 @@ from tools.report import (
     add_output_options,
     publish,
     ratio,
-    run_guarded,
     start_report,
     tool_parser,
 )
@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_guarded(lambda: _run(args, argv))
+    return run_main(lambda: _run(args, argv), debug=args.debug)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

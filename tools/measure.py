@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.peak_memory import current_bytes, peak_bytes, proc_field, reset_peak
+from engine.peak_memory import NotEnoughMemoryError, current_bytes, peak_bytes, proc_field, reset_peak
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ def memory_limit(device: torch.device | str, limit_bytes: int | None) -> Iterato
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
         yield
+    except NotEnoughMemoryError as error:  # refused up front by the engine's own estimate
+        raise DoesNotFit(str(error)) from None
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
         # The CPU allocator reports a refused allocation as a RuntimeError ("can't allocate memory").
         out_of_memory = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "allocate" in str(error)
@@ -122,8 +124,3 @@ def memory_limit(device: torch.device | str, limit_bytes: int | None) -> Iterato
     finally:
         if previous is not None:
             resource.setrlimit(resource.RLIMIT_AS, previous)
-
-
-def available_bytes() -> int | None:
-    """Memory the system can still give (MemAvailable), the default CPU limit's basis."""
-    return proc_field("/proc/meminfo", "MemAvailable")

@@ -15,7 +15,7 @@ from typing import Any
 
 import policies
 import schedules
-from engine.chat import parse_options
+from engine.cli import parse_options
 from engine.prefill import PrefillConfig
 from tools.report import ToolError
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.cli import Parser
 from engine.peak_memory import proc_field
 
 GIB = 2**30
@@ -144,7 +145,7 @@ def render(report: dict[str, Any], tables: Sequence[Table]) -> str:
 
 def tool_parser(tool: str, doc: str) -> argparse.ArgumentParser:
     """The parser of ``python -m tools.<tool>``, whose help shows the module's documentation as written."""
-    return argparse.ArgumentParser(
+    return Parser(
         prog=f"python -m tools.{tool}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
 
@@ -199,12 +200,3 @@ def parse_list(text: str, kind: Callable[[str], Any], flag: str) -> list[Any]:
     if not values:
         raise ToolError(f"{flag} needs at least one value")
     return values
-
-
-def run_guarded(body: Callable[[], int]) -> int:
-    """Run a tool's body; bad input ends with a one-line message and exit status 2, not a traceback."""
-    try:
-        return body()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.cli import run_main
 from tools.bench_prefill import PAPER_TABLE_A, paper_rows
 from tools.eval_ppl import PAPER_TABLE_B
-from tools.report import Table, describe_machine, render, run_guarded, tool_parser
+from tools.report import Table, describe_machine, render, tool_parser
 
 TOOLS = ("bench_prefill", "eval_passkey", "eval_ppl", "bench_generate")
 DOCS = Path("docs")
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"refreshed the results block of {args.readme}")
         return 0
 
-    return run_guarded(write)
+    return run_main(write, debug=args.debug)
 
 
 if __name__ == "__main__":

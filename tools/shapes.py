@@ -15,7 +15,7 @@ import torch
 import backends
 import models
 from engine.config import ModelConfig, RopeConfig
-from engine.llm import LLM, load, parse_dtype
+from engine.llm import LLM, load, parse_device, parse_dtype
 from tools.report import ToolError
 
 SHAPES = {
@@ -128,9 +128,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, shapes: bool) -> None:
 
 def load_from_args(args: argparse.Namespace) -> LLM:
     """The model the options name: ``--model``, else a random ``--shape``, else the default model."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ToolError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    device = parse_device(args.device)
     shape = getattr(args, "shape", DEFAULT_SHAPE)
     if args.model is None and shape != DEFAULT_SHAPE:
         fallback = torch.bfloat16 if device.type == "cuda" else torch.float32

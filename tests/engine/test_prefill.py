@@ -7,6 +7,7 @@ from tiny import write_tiny_checkpoint
 import engine
 import policies
 from engine import GREEDY, PrefillConfig
+from schedules import Step
 
 IDS = torch.randint(3, 320, (90,), generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -73,8 +74,38 @@ def test_prefill_continues_an_existing_memory(llm):
 
 def test_continuing_never_squeezes_memory_below_the_budget():
     config = PrefillConfig(schedule="im", memory=64, chunk=8)
-    assert [s.memory for s in config.plan(32, continuing=True)] == [64, 64, 64, 64]
-    assert [s.memory for s in config.plan(32, continuing=False)] == [16, 32, 48, 64]
+    assert [s.memory for s in config.plan(32, held=64)] == [64, 64, 64, 64]
+    assert [s.memory for s in config.plan(32)] == [16, 32, 48, 64]
+
+
+def test_a_short_later_turn_is_appended_without_eviction_within_memory_plus_chunk():
+    config = PrefillConfig(schedule="imdc", policy="snapkv", memory=64, chunk=16)
+    assert config.plan(10, held=64) == [Step(10, None)]  # a question after the document
+    assert config.plan(10, held=70) == [Step(10, None)]  # 80 = M + c: still within the span
+    assert config.plan(10, held=71) == [Step(10, 64)]  # past M + c: back to M
+    assert [s.memory for s in config.plan(40, held=10)] == [64, 64, 64]  # longer than a chunk
+
+
+def test_naming_a_policy_without_a_schedule_compresses_with_imdc():
+    assert PrefillConfig(policy="snapkv").schedule == "imdc"
+    assert PrefillConfig().schedule == "full"
+    assert PrefillConfig(schedule="fixed").schedule == "fixed"
+    # Compressing only while generating is a real use of 'full' with a policy.
+    assert PrefillConfig(schedule="full", policy="streaming", decode_memory=64).schedule == "full"
+    with pytest.raises(
+        ValueError, match="schedule 'full' keeps every token, so policy 'snapkv' would never run"
+    ):
+        PrefillConfig(schedule="full", policy="snapkv", memory=64, chunk=64)
+
+
+def test_a_sparse_start_is_noted_once(capsys):
+    config = PrefillConfig(schedule="im", policy="streaming", memory=256, chunk=256)
+    assert min(s.memory for s in config.plan(70_000)) >= 1
+    config.plan(70_000)
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: im keeps only 1 of the first 256 tokens")
+    PrefillConfig(schedule="im", policy="streaming", memory=1024, chunk=1024).plan(32_768)  # 32 of 1024: fine
+    assert capsys.readouterr().err == ""
 
 
 def test_generation_after_chunked_prefill_matches_one_shot(llm):

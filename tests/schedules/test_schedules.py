@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import AbstractContextManager
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -130,9 +131,20 @@ def test_im_memory_grows_from_a_to_memory(length: int, memory: int, chunk: int, 
     assert chunk_sizes(steps) == chunk_sizes(plan("fixed", length, memory, chunk))
     assert m == sorted(m)
     if steps:
-        assert m[0] == memory // len(steps)
+        assert m[0] == math.ceil(memory / len(steps))
         assert m[-1] == memory
         assert all(type(budget) is int for budget in m)
+        assert memory == 0 or min(m) >= 1
+
+
+@pytest.mark.parametrize("name", ["im", "imdc"])
+@pytest.mark.parametrize("shape", SHAPE_NAMES)
+def test_growth_never_collapses_when_steps_exceed_memory(name: str, shape: str):
+    # N = 274 steps for M = 256: the paper's a = floor(M/N) = 0 kept nothing until the last step.
+    m = budgets(plan(name, 70_000, 256, 256, shape=shape))
+    assert len(m) == 274 and min(m) >= 1 and m[-1] == 256
+    if shape == "linear":  # grows by the exact fraction M/N per step
+        assert m[:8] == [max(1, 256 * (i + 1) // 274) for i in range(8)] and m[136] == 128
 
 
 @properties
@@ -172,7 +184,8 @@ def test_imdc_leftovers_never_raise_the_peak_above_fixed():
 @given(st.integers(0, 10**6), st.integers(2, 3000), st.data())
 def test_integer_shapes_equal_the_truncated_formulas(memory: int, steps: int, data: st.DataObject):
     i = data.draw(st.integers(0, steps - 2))
-    n, m, a = steps, memory, memory // steps
+    n, m = steps, memory
+    a = m / n
     real = {
         "linear": a * (i + 1),
         "square": a + (m - a) * i**2 / (n - 1) ** 2,
@@ -181,7 +194,7 @@ def test_integer_shapes_equal_the_truncated_formulas(memory: int, steps: int, da
         "inverse_concave": m + a - m / (i + 1),
     }
     for shape, value in real.items():
-        exact = SHAPES[shape](i, n, m, a)
+        exact = SHAPES[shape](i, n, m, Fraction(m, n))
         # Floats may round across an integer; only there may int(float) differ by one.
         assert exact == int(value) or abs(value - round(value)) < 1e-6 * max(1, value), shape
 

@@ -186,7 +186,7 @@ def test_bench_prefill_measures_every_schedule(monkeypatch, tmp_path: Path, caps
             assert row["memory_vs_fixed"] == pytest.approx(row["peak_bytes"] / fixed["peak_bytes"])
         assert row["speedup_vs_full"] == pytest.approx(full["seconds"] / row["seconds"])
         config = PrefillConfig(schedule=row["schedule"], memory=row["memory"] or 0, chunk=32)
-        plan = config.plan(200, continuing=False)
+        plan = config.plan(200)
         assert row["steps"] == len(plan) and row["peak_span"] == schedules.peak_span(plan)
     assert report["paper"] == []  # the settings are not the paper's
 
