@@ -15,8 +15,10 @@ from typing import Any
 
 import policies
 import schedules
+from engine.chat import PLUGIN_HELP
 from engine.cli import parse_options
 from engine.prefill import PrefillConfig
+from engine.registry import load_plugin
 from tools.report import ToolError
 
 FULL = "full"
@@ -47,10 +49,6 @@ def parse_spec(
             f"config {text!r} is not 'full' or SCHEDULE:POLICY:M[:C][:KEY=VALUE...], e.g. imdc:snapkv:256"
         )
     schedule, policy = parts[0], parts[1]
-    for kind, value, registry in (("schedule", schedule, schedules), ("policy", policy, policies)):
-        if value not in registry.available():
-            known = ", ".join(registry.available())
-            raise ToolError(f"config {text!r}: unknown {kind} {value!r}; known: {known}")
     try:
         memory, *rest = (int(number) for number in numbers)
     except ValueError:
@@ -99,9 +97,13 @@ def add_config_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--policy-arg", action="append", default=[], metavar="KEY=VALUE", help="policy option, e.g. kernel=9"
     )
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
 
 
 def configs_from_args(args: argparse.Namespace) -> list[NamedConfig]:
+    """The configs of ``--configs``, after importing the ``--plugin`` modules that may define them."""
+    for module in args.plugin:
+        load_plugin(module)
     return parse_specs(args.configs, chunk=args.chunk, policy_args=policy_args_of(args.policy_arg))
 
 
