@@ -19,6 +19,7 @@ stopped run where it stopped, so a grid too long for one sitting can be run in s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -54,7 +55,7 @@ TOOL = "eval_longctx"
 # Settings that must match for a saved run to be continued.
 RESUMABLE = (
     "tasks", "lengths", "samples", "seed", "source", "configs", "query_aware", "turns", "model_path",
-    "dtype", "full_beyond_window",
+    "dtype", "full_beyond_window", "cases_digest",
 )  # fmt: skip
 
 
@@ -109,6 +110,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         )
     configs = configs_from_args(args)
     llm = load_from_args(args)
+    cases = _cases(llm, tasks, lengths, args)
     settings = {
         "tasks": tasks,
         "lengths": lengths,
@@ -121,10 +123,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "full_beyond_window": args.full_beyond_window,
         "window": llm.config.max_position_embeddings,
         "python": sys.version.split()[0],
+        "cases_digest": _digest(cases),
         **describe(llm),
     }
     report = _resume(args.json, settings) or {**start_report(TOOL, argv, llm.device, settings), "records": []}
-    cases = _cases(llm, tasks, lengths, args)
     done = {_key(record) for record in report["records"]}
     todo = [
         (named, case)
@@ -164,6 +166,13 @@ def _cases(llm: LLM, tasks: list[str], lengths: list[int], args: argparse.Namesp
         )
         for task, length, sample in tqdm(grid, desc="building cases", unit="case", leave=False)
     ]
+
+
+def _digest(cases: list[Case]) -> str:
+    """A fingerprint of every case's text: a run is continued only over exactly the same cases (the
+    prose comes from the standard library, which another Python version may word differently)."""
+    text = json.dumps([[c.document, [[q.text, q.expected] for q in c.questions]] for c in cases])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _runs(named: NamedConfig, case: Case, settings: dict[str, Any], args: argparse.Namespace) -> bool:

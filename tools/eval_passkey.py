@@ -28,6 +28,7 @@ from engine.cli import run_main
 from engine.generate import GREEDY
 from engine.llm import LLM
 from engine.tokenizer import Tokenizer
+from tools.longctx import haystack
 from tools.measure import Stopwatch
 from tools.prefill_specs import FULL, NamedConfig, add_config_options, configs_from_args, with_options
 from tools.report import (
@@ -116,36 +117,12 @@ def passkey_case(
 @functools.cache
 def filler_words(filler: str) -> tuple[tuple[str, bool], ...]:
     """The filler as (word with its trailing space, whether it ends a sentence), in order."""
-    sentences = REPEAT_SENTENCES if filler == "repeat" else prose_sentences()
+    sentences = REPEAT_SENTENCES if filler == "repeat" else haystack.sentences("pydoc")
     words = []
     for sentence in sentences:
         parts = re.findall(r"\S+\s*", sentence)
         words += [(part, index == len(parts) - 1) for index, part in enumerate(parts)]
     return tuple(words)
-
-
-@functools.cache
-def prose_sentences() -> tuple[str, ...]:
-    """English sentences from the Python documentation the standard library ships (pydoc's topics),
-    paragraph by paragraph; paragraphs that look like code, headings or signatures are skipped."""
-    from pydoc_data.topics import topics
-
-    sentences: list[str] = []
-    for name in sorted(topics):
-        for paragraph in topics[name].split("\n\n"):
-            text = " ".join(line.strip() for line in paragraph.splitlines()).strip()
-            if not _is_prose(text):
-                continue
-            parts = re.split(r"(?<=[.!?])\s+(?=[A-Z])", text)
-            sentences += [part + " " for part in parts[:-1]] + [parts[-1] + "\n\n"]
-    return tuple(sentences)
-
-
-def _is_prose(text: str) -> bool:
-    if len(text) < 100 or not text.endswith(".") or ">>>" in text:
-        return False
-    plain = sum(c.isalpha() or c in " ,.;'-" for c in text)
-    return plain >= 0.9 * len(text)
 
 
 def passkeys(seed: int, length: int, depth: float, count: int) -> list[str]:

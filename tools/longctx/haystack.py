@@ -85,14 +85,19 @@ def _documented(module: object) -> list[object]:
 
 
 def _split(documents: list[str]) -> tuple[str, ...]:
+    """The prose sentences of ``documents``, each once: documentation repeats stock phrases."""
     result: list[str] = []
+    seen: set[str] = set()
     for document in documents:
         for paragraph in document.split("\n\n"):
             text = " ".join(line.strip() for line in paragraph.splitlines()).strip()
             if not _is_prose(text):
                 continue
             parts = re.split(r"(?<=[.!?])\s+(?=[A-Z])", text)
-            result += [part + " " for part in parts[:-1]] + [parts[-1] + "\n\n"]
+            for index, part in enumerate(parts):
+                if part not in seen:
+                    seen.add(part)
+                    result.append(part + (" " if index < len(parts) - 1 else "\n\n"))
     return tuple(result)
 
 
