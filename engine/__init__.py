@@ -21,6 +21,7 @@ _PUBLIC = {
     "Completion": "engine.llm",
     "load": "engine.llm",
     "KVMemory": "engine.cache",
+    "PrefillCancelled": "engine.attention",
     "PrefillConfig": "engine.prefill",
     "PrefillResult": "engine.prefill",
     "StepStats": "engine.prefill",

@@ -154,6 +154,7 @@ class KVMemory:
         seen, lengths = self.seen, [layer.length for layer in self.layers]
         saved = None if appending_only else [layer.snapshot() for layer in self.layers]
 
+        @torch.inference_mode()
         def restore() -> None:
             self.seen = seen
             for index, layer in enumerate(self.layers):

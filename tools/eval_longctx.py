@@ -279,6 +279,8 @@ def tables(report: dict[str, Any]) -> list[Table]:
     def pick(**match: object) -> list[dict[str, Any]]:
         return [r for r in records if all(r[key] == value for key, value in match.items())]
 
+    notes = ["All tasks weigh the same in a mean; '-': not run (see the notes)."]
+    notes += _baseline_note(records, lengths, tasks)
     summary = Table(
         f"Accuracy % by prompt length, mean over tasks ({where})",
         ["config", *[f"L={length}" for length in lengths], "all", "prefill s", "peak GiB", "memory MiB"],
@@ -293,7 +295,7 @@ def tables(report: dict[str, Any]) -> list[Table]:
             ]
             for config in configs
         ],
-        notes=("All tasks weigh the same in a mean; '-': not run (see the notes).",),
+        notes=tuple(notes),
     )
     per_config = [
         Table(
@@ -322,6 +324,31 @@ def tables(report: dict[str, Any]) -> list[Table]:
             ),
         )
     return result
+
+
+FLOOR = 20.0  # % a task must reach with full attention for compression's effect on it to be measurable
+
+
+def _baseline_note(records: list[dict[str, Any]], lengths: list[int], tasks: list[str]) -> list[str]:
+    """What the model can do at all: full attention's score per task at the shortest length run."""
+    full = [r for r in records if r["config"] == FULL]
+    measured = [length for length in lengths if any(r["length"] == length for r in full)]
+    if not measured:
+        return []
+    shortest = min(measured)
+    scores = {
+        task: _accuracy([r for r in full if r["task"] == task and r["length"] == shortest]) for task in tasks
+    }
+    scores = {task: value for task, value in scores.items() if value is not None}
+    weak = [task for task, value in scores.items() if value < FLOOR]
+    listed = ", ".join(f"{task} {value:.0f}%" for task, value in scores.items())
+    note = f"How to read it: with full attention at L={shortest} the model scores {listed}."
+    if weak:
+        note += (
+            f" It cannot do {', '.join(weak)} (under {FLOOR:.0f}%) even then: those rows measure nothing "
+            "about compression."
+        )
+    return [note]
 
 
 def draw(pyplot, report: dict[str, Any]):

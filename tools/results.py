@@ -25,7 +25,7 @@ from tools.bench_prefill import PAPER_TABLE_A, paper_rows
 from tools.eval_ppl import PAPER_TABLE_B
 from tools.report import Table, describe_machine, render, tool_parser
 
-TOOLS = ("bench_prefill", "eval_passkey", "eval_ppl", "bench_generate")
+TOOLS = ("bench_prefill", "eval_passkey", "eval_ppl", "bench_generate", "eval_longctx")
 DOCS = Path("docs")
 
 
@@ -71,6 +71,11 @@ PPL_CONFIGS = ",".join(
     ]
 )
 PASSKEY_SWEEP = "--lengths 1500,4000,8000 --depths 0.1,0.5,0.9 --keys 5"
+LONGCTX_CONFIGS = "full,imdc:snapkv:1024,imdc:h2o:1024,imdc:streaming:1024,imdc:tova:1024"
+LONGCTX_GRID = "--tasks core --lengths 2048,4096,8192,16384 --samples 3"
+LONGCTX_TURNS = (
+    "--tasks niah_single,niah_multikey,niah_multivalue,vt,qa1,qa2 --lengths 4096 --samples 3 --turns 3"
+)
 RUNS = (
     Run(
         "Prefill schedules on the CPU, SnapKV (default model)",
@@ -119,6 +124,23 @@ RUNS = (
         _command("eval_ppl", f"--length 8192 --samples 3 --eval-tokens 1024 --configs {PPL_CONFIGS}", "ppl"),
     ),
     Run(
+        "Long-context tasks (RULER- and BABILong-style), question-agnostic compression",
+        "CPU",
+        _command("eval_longctx", f"{LONGCTX_GRID} --configs {LONGCTX_CONFIGS}", "longctx"),
+    ),
+    Run(
+        "Long-context tasks, query-aware compression",
+        "CPU",
+        _command(
+            "eval_longctx", f"{LONGCTX_GRID} --configs imdc:snapkv:1024 --query-aware", "longctx_query_aware"
+        ),
+    ),
+    Run(
+        "Long-context tasks, three questions about one document (multi-turn)",
+        "CPU",
+        _command("eval_longctx", f"{LONGCTX_TURNS} --configs {LONGCTX_CONFIGS}", "longctx_multiturn"),
+    ),
+    Run(
         "Prefill and decode speed against transformers and llama.cpp",
         "CPU",
         _command("bench_generate", "--lengths 512,2048,8192 --decode-tokens 64 "
@@ -165,6 +187,9 @@ README_RUNS = {
     "passkey_query_aware.json": (0,),
     "passkey_beyond_window.json": (0,),
     "ppl.json": (0,),
+    "longctx.json": (0,),
+    "longctx_query_aware.json": (0,),
+    "longctx_multiturn.json": (1,),
 }
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from tiny import write_tiny_checkpoint
 
 from engine.chat import main
@@ -208,3 +209,176 @@ def test_query_aware_reads_the_document_with_the_question(tiny, tmp_path):
     rows = [line.split() for line in result.stderr.split("peak MiB")[1].splitlines()]
     steps = [row for row in rows if row and row[0].isdigit()]
     assert len(steps) > 5 and all(int(row[2]) <= 48 for row in steps)
+
+
+def test_help_lists_the_commands_and_unknown_commands_are_not_questions(tiny):
+    stdin = "/help\n/frobnicate now\n//etc is a folder\n/exit\n"
+    result = chat("-m", str(tiny), "-n", "2", "--temp", "0", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    for command in ("/help", "/reset", "/stats", "/exit"):
+        assert f"\n{command} " in result.stderr
+    assert "unknown command /frobnicate, see /help" in result.stderr
+    assert result.stdout.count("> ") == 4  # the //-escaped line was answered as a message: "/etc is ..."
+
+
+def test_a_policy_without_a_schedule_compresses_with_imdc(tiny, tmp_path):
+    document = tmp_path / "doc.txt"
+    document.write_text("Long context inference keeps a bounded memory of keys and values. " * 60)
+    argv = ["-m", str(tiny), "-f", str(document), "-p", "what?", "-n", "2", "--stats"]
+    result = chat(*argv, "--policy", "snapkv", "--memory", "48", "--chunk", "64")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stderr.split("peak MiB")[1].splitlines()]
+    memories = [int(row[2]) for row in rows if row and row[0].isdigit()]
+    assert len(memories) > 5 and max(memories[:-1]) <= 48  # imdc's document steps, then the question
+
+
+def test_read_counts_the_documents_own_tokens(tiny, tmp_path):
+    from engine.tokenizer import load_tokenizer
+
+    text = "Long context inference keeps a bounded memory of keys and values. " * 30
+    document = tmp_path / "doc.txt"
+    document.write_text(text)
+    result = chat("-m", str(tiny), "-f", str(document), "-n", "1", stdin="/exit\n")
+    tokens = len(load_tokenizer(tiny).encode(text, add_special=False))
+    assert f"read {tokens} tokens of {document}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--memory", "64"], "--memory 64 sets a compression budget, but no --policy chooses which tokens"),
+        (["--chunk", "64"], "--chunk 64 splits the prompt only with a chunked --schedule"),
+        (
+            ["--schedule", "full", "--policy", "snapkv"],
+            "schedule 'full' keeps every token, so policy 'snapkv'",
+        ),
+        (["--temp", "nan"], "temperature must be a finite number, got nan"),
+        (["--device", "gpu"], "unknown device 'gpu'; use cpu or cuda"),
+        (["--plugin", "./no_such_policy.py"], "plugin file ./no_such_policy.py not found"),
+    ],
+)
+def test_more_bad_input_is_one_clear_line(tiny, capsys, argv, message):
+    assert main(["-m", str(tiny), "-p", "hi", "-n", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_gpu_is_one_clear_line(tiny, capsys):
+    assert main(["-m", str(tiny), "-p", "hi", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: device 'cuda': ") and err[-1].endswith("use --device cpu")
+
+
+def test_a_gguf_file_is_pointed_at_the_converter(tmp_path, capsys):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert main(["-m", str(gguf), "-p", "hi"]) == 2
+    assert f"python -m tools.convert_gguf {gguf} DIR" in capsys.readouterr().err
+
+
+def test_plugins_load_from_a_file_and_name_a_missing_dependency(tiny, tmp_path, capsys):
+    policy = tmp_path / "file_policy.py"
+    policy.write_text(
+        "import policies\n\n@policies.register('from_a_file')\nclass FromAFile(policies.Policy):\n"
+        "    def score(self, candidates):\n        return candidates.positions.float()\n"
+    )
+    argv = [
+        "-m",
+        str(tiny),
+        "-p",
+        "hi",
+        "-n",
+        "1",
+        "--policy",
+        "from_a_file",
+        "--memory",
+        "8",
+        "--chunk",
+        "8",
+    ]
+    assert main([*argv, "--plugin", str(policy)]) == 0
+    broken = tmp_path / "needs_numpyx.py"
+    broken.write_text("import numpyx_is_not_installed\n")
+    assert main(["-m", str(tiny), "-p", "hi", "--plugin", str(broken)]) == 2
+    assert "needs the module 'numpyx_is_not_installed', which is not installed" in capsys.readouterr().err
+
+
+def test_a_document_too_large_for_free_memory_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    from engine import peak_memory
+
+    document = tmp_path / "doc.txt"
+    document.write_text("Long context inference keeps a bounded memory of keys and values. " * 60)
+    monkeypatch.setattr(peak_memory, "available_bytes", lambda device: 50_000)
+    assert main(["-m", str(tiny), "-f", str(document), "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "with schedule full needs about" in err and "--schedule imdc --policy snapkv" in err
+
+
+def start_reading(tiny, document):
+    """An interactive chat reading a document slowly: small chunks and the reference backend."""
+    argv = ["-m", str(tiny), "-f", str(document), "--temp", "0", "-n", "3", "--backend", "reference"]
+    argv += ["--schedule", "fixed", "--policy", "h2o", "--memory", "32", "--chunk", "16"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.chat", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+@pytest.fixture()
+def slow_document(tmp_path):
+    document = tmp_path / "long.txt"
+    document.write_text("Long context inference keeps a bounded memory of keys and values. " * 4000)
+    return document
+
+
+def wait_for_reading(process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stderr], [], [], 0.1)
+        if ready and "prefill" in os.read(process.stderr.fileno(), 65536).decode(errors="replace"):
+            return
+    process.kill()
+    raise AssertionError("the progress bar never showed")
+
+
+def test_ctrl_c_stops_reading_and_the_chat_goes_on(tiny, slow_document):
+    process = start_reading(tiny, slow_document)
+    wait_for_reading(process)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate("/help\n/exit\n", timeout=120)
+    assert process.returncode == 0, err
+    assert "it will be read with your first message" in err and "Traceback" not in err
+    assert out.count("> ") == 2  # the chat went on: a prompt for each line
+    assert time.monotonic() - started < 60
+
+
+def test_second_ctrl_c_while_reading_exits_with_130(tiny, slow_document):
+    process = start_reading(tiny, slow_document)
+    wait_for_reading(process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (0, 130) and "Traceback" not in err
+
+
+def test_the_docs_say_what_the_commands_do():
+    from pathlib import Path
+
+    from engine.chat import FLOAT16_SPEEDUP, PLUGIN_HELP
+    from engine.checkpoint import load_model
+    from engine.llm import load
+
+    readme = (Path(REPO) / "README.md").read_text(encoding="utf-8")
+    figure = FLOAT16_SPEEDUP.split(",")[0]  # "1.5-2.7x faster CPU decode"
+    assert FLOAT16_SPEEDUP in readme and figure in load.__doc__ and figure in load_model.__doc__
+    assert f"| `--plugin MODULE` | {PLUGIN_HELP} |" in readme
+    assert "default: `imdc` when `--policy` is given, else `full`" in readme
+    assert "--predict` (a negative number, the default, generates until the end-of-sequence token)" in readme

@@ -92,3 +92,21 @@ def test_missing_field_and_bad_files(tmp_path):
     del raw["hidden_size"]
     with pytest.raises(ConfigError, match="lacks the required field 'hidden_size'"):
         parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"vocab_size": -5}, "vocab_size must be a positive integer, got -5"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+        ({"head_dim": 15}, "head_dim 15 is odd"),
+        ({"rms_norm_eps": -1e-5}, "rms_norm_eps must be positive"),
+        ({"sliding_window": 0}, "sliding_window must be a positive number of tokens"),
+        ({"hidden_size": "wide"}, "malformed field"),
+    ],
+)
+def test_impossible_sizes_are_refused_clearly(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(**fields)

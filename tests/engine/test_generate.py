@@ -105,3 +105,24 @@ def test_cancel_stops_between_tokens():
     cancel.set()
     result, fed, _ = run([0, 1], max_tokens=10, eos_ids=(), cancel=cancel)
     assert result.finish_reason == "cancelled" and result.token_ids == [] and fed == []
+
+
+@pytest.mark.parametrize("max_tokens", [None, -1, -5])
+def test_no_limit_means_until_end_of_sequence(max_tokens):
+    result, fed, _ = run([0, 1, 2, 25], max_tokens=max_tokens, eos_ids=(25,))
+    assert (result.token_ids, result.finish_reason) == ([0, 1, 2], "eos") and fed == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"min_p": float("nan")}, "min_p must be a finite number"),
+        ({"top_k": 2.5}, "top_k must be a whole number, got 2.5"),
+        ({"repeat_penalty": "high"}, "repeat_penalty must be a finite number, got 'high'"),
+    ],
+)
+def test_non_finite_or_wrongly_typed_sampling_is_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**options)

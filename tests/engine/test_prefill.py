@@ -1,12 +1,16 @@
 """Chunked prefill into a compressed memory, on tiny random checkpoints."""
 
+import threading
+
 import pytest
 import torch
 from tiny import write_tiny_checkpoint
 
 import engine
 import policies
-from engine import GREEDY, PrefillConfig
+from engine import GREEDY, PrefillConfig, notices, peak_memory
+from engine.attention import PrefillCancelled
+from policies import PolicyError
 from schedules import Step
 
 IDS = torch.randint(3, 320, (90,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -98,7 +102,8 @@ def test_naming_a_policy_without_a_schedule_compresses_with_imdc():
         PrefillConfig(schedule="full", policy="snapkv", memory=64, chunk=64)
 
 
-def test_a_sparse_start_is_noted_once(capsys):
+def test_a_sparse_start_is_noted_once(capsys, monkeypatch):
+    monkeypatch.setattr(notices, "_said", set())
     config = PrefillConfig(schedule="im", policy="streaming", memory=256, chunk=256)
     assert min(s.memory for s in config.plan(70_000)) >= 1
     config.plan(70_000)
@@ -175,3 +180,102 @@ def test_query_window_changes_what_is_kept(llm):
     ]
     assert kept[0].shape == kept[1].shape and not torch.equal(kept[0], kept[1])
     assert (kept[1] < len(IDS)).all()
+
+
+def memory_state(memory):
+    return memory.seen, [
+        (layer.keys.clone(), layer.rotated.clone(), layer.values.clone(), layer.positions.clone())
+        for layer in memory.layers
+    ]
+
+
+def assert_same_memory(memory, state):
+    seen, layers = state
+    assert memory.seen == seen
+    for layer, saved in zip(memory.layers, layers, strict=True):
+        current = (layer.keys, layer.rotated, layer.values, layer.positions)
+        assert all(torch.equal(a, b) for a, b in zip(current, saved, strict=True))
+
+
+@policies.register("cancels_at_third_selection")
+class CancelsMidway(policies.Policy):
+    """Streaming, but sets the test's cancel event at its third selection (mid-prefill)."""
+
+    cancel = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, candidates):
+        self.calls += 1
+        if self.calls == 3:
+            type(self).cancel.set()
+        return candidates.positions.float()
+
+
+@pytest.mark.parametrize("policy", ["cancels_at_third_selection", "none"])
+def test_a_cancelled_prefill_puts_the_memory_back(llm, policy):
+    config = PrefillConfig(schedule="fixed", policy=policy, memory=16, chunk=16)
+    first = llm.prefill(IDS[:40], PrefillConfig(schedule="fixed", policy="streaming", memory=16, chunk=16))
+    before = memory_state(first.memory)
+    cancel = threading.Event()
+    CancelsMidway.cancel = cancel
+    if policy == "none":
+        cancel.set()  # appending only: cancelled at the first layer
+    with pytest.raises(PrefillCancelled):
+        llm.prefill(IDS[40:], config, memory=first.memory, cancel=cancel)
+    assert_same_memory(first.memory, before)
+    # The memory works on as if the cancelled call never happened.
+    streaming = PrefillConfig(schedule="fixed", policy="streaming", memory=16, chunk=16)
+    again = llm.prefill(IDS[40:], streaming, memory=first.memory)
+    control = llm.prefill(IDS[40:], streaming, memory=llm.prefill(IDS[:40], streaming).memory)
+    assert torch.equal(again.logits, control.logits)
+
+
+def test_a_cancelled_turn_leaves_the_conversation_as_it_was(llm):
+    session = engine.ChatSession(
+        llm, prefill=PrefillConfig(schedule="fixed", policy="streaming", memory=16, chunk=16), sampling=GREEDY
+    )
+    session.ask("hello there", max_tokens=3, progress=False)
+    before = (
+        list(session.messages),
+        session.memory_text,
+        list(session.history),
+        memory_state(session.memory),
+    )
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(PrefillCancelled):
+        session.ask("a second question that is never read", max_tokens=3, cancel=cancel, progress=False)
+    assert (session.messages, session.memory_text, session.history) == before[:3]
+    assert_same_memory(session.memory, before[3])
+
+
+@policies.register("one_head_for_all")
+class OneHeadForAll(policies.Policy):
+    """Returns head 0's choice as [B, 1, k]: would broadcast over every KV head if unchecked."""
+
+    def select(self, candidates, budget):
+        return torch.arange(budget)[None, None, :]
+
+
+def test_a_selection_must_have_every_kv_head(llm):
+    config = PrefillConfig(schedule="fixed", policy="one_head_for_all", memory=8, chunk=16)
+    with pytest.raises(PolicyError, match=r"shape \(1, 1, 8\); expected int64 \[1, 2, k\]"):
+        llm.prefill(IDS, config)
+
+
+@pytest.mark.parametrize("ids", [[5, 320, 7], [5, -1, 7], [10**9]])
+def test_token_ids_outside_the_vocabulary_are_refused(llm, ids):
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 320"):
+        llm.prefill(ids)
+
+
+def test_a_prompt_larger_than_free_memory_is_refused_before_work(llm, monkeypatch):
+    monkeypatch.setattr(peak_memory, "available_bytes", lambda device: 20_000)
+    with pytest.raises(
+        peak_memory.NotEnoughMemoryError, match="reading 90 tokens with schedule full needs about"
+    ):
+        llm.prefill(IDS)
+    monkeypatch.setattr(peak_memory, "available_bytes", lambda device: 10**9)
+    llm.prefill(IDS)

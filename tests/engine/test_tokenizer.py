@@ -1,5 +1,6 @@
 import json
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -440,3 +441,32 @@ def test_default_model_plain_text_matches_transformers(reference_tokenizers):
             theirs(text)["input_ids"], skip_special_tokens=True
         )
     assert (ours.bos_id, ours.eos_id) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "ran for more than 2 s",
+        ),
+        ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than"),
+        ("{{ 'a' * 1000000000 }}", "repeating a str 1000000000 times is too large"),
+        ("{{ [0] * 1000000000 }}", "repeating a list 1000000000 times is too large"),
+        ("{{ 'x'.ljust(1000000000) }}", "an argument of 1000000000 is too large"),
+    ],
+)
+def test_runaway_templates_are_stopped_fast_and_clearly(bpe_dir, tmp_path, template, message):
+    tokenizer = with_template(bpe_dir, tmp_path, template)
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=f"the chat template was stopped: .*{message}"):
+        tokenizer.render_chat(CHAT)
+    assert time.monotonic() - started < 10
+
+
+def test_a_long_document_renders_within_the_bounds(bpe_dir, tmp_path):
+    document = "word " * 500_000  # 2.5 MB of text in one message
+    rendered = with_template(bpe_dir, tmp_path, CHATML_TEMPLATE).render_chat(
+        [{"role": "user", "content": document}]
+    )
+    assert document in rendered

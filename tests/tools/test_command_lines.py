@@ -1,0 +1,46 @@
+"""Every command line of the project, given wrong arguments, answers with one line: what was wrong and
+what to do, no traceback, a non-zero exit."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+COMMANDS = {
+    "engine.chat": [
+        ["--temp", "nan"],
+        ["--no-such-flag"],
+        ["-n", "many"],
+        ["--device", "gpu", "-p", "hi"],
+        ["-m", "/no/such/checkpoint", "-p", "hi"],
+    ],
+    "tools.convert_gguf": [[], ["/no/such/model.gguf", "/tmp/out"]],
+    "tools.check_backends": [["frobnicate"], ["test", "--backend", "nope"], ["perf", "--lengths", "x"]],
+    "tools.bench_prefill": [["--length", "-5"], ["--schedules", "weekly"], ["--memory", "a,b"]],
+    "tools.bench_generate": [["--lengths", "x"], ["--configs", "imdc:nope:256"]],
+    "tools.eval_passkey": [["--keys", "0"], ["--depths", "2"], ["--configs", "full:snapkv"]],
+    "tools.eval_ppl": [["--configs", "imdc"], ["--samples", "x"]],
+    "tools.eval_longctx": [
+        ["--tasks", "qa9"],
+        ["--lengths", "many"],
+        ["--turns", "0"],
+        ["--plugin", "no_such_mod"],
+    ],
+    "tools.results": [["--docs", "/no/such/folder"]],
+}
+CASES = [(module, argv) for module, argvs in COMMANDS.items() for argv in argvs]
+
+
+@pytest.mark.parametrize(("module", "argv"), CASES, ids=[f"{m}:{' '.join(a)}" for m, a in CASES])
+def test_wrong_arguments_get_one_line(module, argv, capsys):
+    main = importlib.import_module(module).main
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("loading ")]
+    assert status not in (0, None), err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "error" in lines[0]
