@@ -7,6 +7,7 @@ more than one layer's statistics ever exist at a time.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ POSITION_MODES = ("compact", "original")
 
 class PrefillCancelled(Exception):
     """The caller's cancel event was set while a prompt was being read."""
+
+
+# tap(layer, q, k, v, start): a layer's pre-RoPE q [B, Hq, n, D], k and v [B, Hkv, n, D] of the n new
+# prompt tokens (observers excluded), the first at original position ``start``.
+Tap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], None]
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class MemoryAttention:
     FINCH). Observers are dropped from the memory once their statistics are taken. ``query_rows``
     (observers, or the question's rows of the last chunk) overrides which query rows the statistics
     come from; by default the policy's ``needs`` decide. Setting ``cancel`` makes the next layer
-    raise ``PrefillCancelled``.
+    raise ``PrefillCancelled``; ``tap`` sees every layer's pre-RoPE q, k, v of the new tokens.
     """
 
     def __init__(
@@ -56,9 +62,11 @@ class MemoryAttention:
         observers: torch.Tensor | None = None,
         query_rows: int | None = None,
         cancel: threading.Event | None = None,
+        tap: Tap | None = None,
     ) -> None:
         self.memory = memory
         self.cancel = cancel
+        self.tap = tap
         self.setup = setup
         self.budget = budget
         self.step = step
@@ -73,6 +81,8 @@ class MemoryAttention:
             raise PrefillCancelled
         setup, layer_memory = self.setup, self.memory.layers[layer]
         new = q.shape[2] - self.observers
+        if self.tap is not None:
+            self.tap(layer, q[:, :, :new], k[:, :, :new], v[:, :, :new], self.start)
         original = torch.arange(self.start, self.start + new, device=q.device)
         if self.observers:
             original = torch.cat((original, self.observer_positions.to(q.device)))

@@ -8,6 +8,7 @@ python -m engine.chat -f report.txt --schedule imdc --policy snapkv --memory 512
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from engine.generate import Sampling
 from engine.llm import LLM, Completion, load
 from engine.notices import notice
 from engine.prefill import FULL_SCHEDULE, NO_POLICY, PrefillConfig, PrefillResult
+from engine.reform import Reform
 from engine.registry import load_plugin
 from engine.session import ChatSession
 
@@ -31,6 +33,7 @@ COMMANDS = {
     "/exit": "leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)",
 }
 HELP = "commands: " + ", ".join(COMMANDS) + "; Ctrl-C stops reading or answering; //text sends /text"
+REFORM_OPTIONS = [field.name for field in dataclasses.fields(Reform)]
 DEFAULT_BUDGET = 1024  # tokens of --memory and --chunk when a policy is named without them
 FLOAT16_SPEEDUP = "1.5-2.7x faster CPU decode, logits within ~0.04 (docs/RESULTS.md)"
 PLUGIN_HELP = "import a module (dotted name, or a .py file) that registers policies, schedules or backends"
@@ -63,7 +66,9 @@ def parser() -> argparse.ArgumentParser:
         "--schedule",
         help="full, fixed, im, imdc, or a plugin's (default: imdc when --policy is given, else full)",
     )
-    long.add_argument("--policy", default="none", help="none, streaming, snapkv, h2o, ..., or a plugin's")
+    long.add_argument(
+        "--policy", help="none, streaming, snapkv, h2o, ..., or a plugin's (default: none; h2o with --reform)"
+    )
     long.add_argument(
         "--memory", type=int, help=f"memory budget M in tokens, sinks excluded (default {DEFAULT_BUDGET})"
     )
@@ -84,13 +89,28 @@ def parser() -> argparse.ArgumentParser:
     )
     long.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
     long.add_argument("--stats", action="store_true", help="print per-step prefill stats after each answer")
+    reform = p.add_argument_group(
+        "REFORM: read -f's document with the memory above, answer each question from an exact cache "
+        "recomputed over the document tokens gathered for it"
+    )
+    reform.add_argument("--reform", action="store_true", help="answer by REFORM (needs -f)")
+    reform.add_argument(
+        "--reform-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"one of {', '.join(REFORM_OPTIONS)} (e.g. gather=2048)",
+    )
     return p
 
 
 def prefill_config(args: argparse.Namespace) -> PrefillConfig:
     for module in args.plugin:
         load_plugin(module)
+    if args.reform_arg and not args.reform:
+        raise ValueError("--reform-arg sets REFORM's options: add --reform")
     config = PrefillConfig(
+        reform=reform_options(parse_options(args.reform_arg, "--reform-arg")) if args.reform else None,
         schedule=args.schedule,
         policy=args.policy,
         memory=DEFAULT_BUDGET if args.memory is None else args.memory,
@@ -114,6 +134,13 @@ def prefill_config(args: argparse.Namespace) -> PrefillConfig:
                 "or a --policy (then imdc)"
             )
     return config
+
+
+def reform_options(options: dict[str, object]) -> Reform:
+    unknown = [key for key in options if key not in REFORM_OPTIONS]
+    if unknown:
+        raise ValueError(f"REFORM has no option {', '.join(unknown)}; options: {', '.join(REFORM_OPTIONS)}")
+    return Reform(**options)
 
 
 def sampling(args: argparse.Namespace) -> Sampling:
@@ -146,6 +173,20 @@ def format_stats(completion: Completion, document: PrefillResult | None = None) 
         f"({produced / max(completion.decode_seconds, 1e-9):.1f} tok/s); memory {memory.kept()} "
         f"tokens + {min(memory.sinks, memory.seen)} sinks ({memory.nbytes / 2**20:.1f} MiB)"
     )
+    if completion.reform is not None:
+        r, layers = completion.reform, len(memory.layers)
+        read = (
+            f"read {r.document_tokens} tokens in {r.read_seconds:.2f} s" if r.read_seconds else "read before"
+        )
+        lines.append(
+            f"REFORM phase 1: {read} with {r.read_layers} of {layers} layers (memory "
+            f"{r.read_memory_bytes / 2**20:.1f} MiB, embeddings {r.embedding_bytes / 2**20:.1f} MiB)"
+        )
+        lines.append(
+            f"REFORM phase 2: gathered {r.gathered} of {r.document_tokens} tokens for a "
+            f"{r.question_tokens}-token question in {r.gather_seconds:.2f} s, recomputed them and the "
+            f"conversation in {r.recompute_seconds:.2f} s"
+        )
     return "\n".join(lines)
 
 

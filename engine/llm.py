@@ -13,13 +13,15 @@ from torch import nn
 
 import backends
 import schedules
-from engine.attention import AttentionSetup, MemoryAttention, PrefillCancelled
+from engine import reform
+from engine.attention import AttentionSetup, MemoryAttention, PrefillCancelled, Tap
 from engine.cache import KVMemory
 from engine.checkpoint import DTYPES, load_model
 from engine.config import ModelConfig
 from engine.generate import Sampler, Sampling, generate_tokens
 from engine.peak_memory import require_available
 from engine.prefill import PrefillConfig, PrefillResult, prefill_bytes, run_prefill
+from engine.reform import ReformStats
 from engine.tokenizer import Tokenizer, load_tokenizer
 from models.rope import Rope
 from policies import Policy
@@ -33,6 +35,7 @@ class Completion:
     prompt_tokens: int
     prefill: PrefillResult
     decode_seconds: float
+    reform: ReformStats | None = None  # REFORM's two phases, when the answer came from a gathered cache
 
     @property
     def memory(self) -> KVMemory:
@@ -105,11 +108,14 @@ class LLM:
         memory: KVMemory | None = None,
         progress: bool = False,
         cancel: threading.Event | None = None,
+        layers: int | None = None,
+        tap: Tap | None = None,
     ) -> PrefillResult:
         """Feed ``ids`` into ``memory`` (a new one if None) by ``config``'s schedule and policy.
 
         Setting ``cancel`` stops the prefill within about a layer's time with ``PrefillCancelled``;
-        a given ``memory`` is then put back as it was before the call.
+        a given ``memory`` is then put back as it was before the call. ``layers`` runs only the first
+        layers (no logits), ``tap`` sees every layer's pre-RoPE q, k, v (both for REFORM's reading).
         """
         config = config or PrefillConfig()
         held = memory.kept() if memory is not None and memory.seen > 0 else None
@@ -130,7 +136,7 @@ class LLM:
         try:
             return run_prefill(
                 self.model, memory, tokens, plan, setup,
-                query_window=config.query_window, progress=progress, cancel=cancel,
+                query_window=config.query_window, progress=progress, cancel=cancel, layers=layers, tap=tap,
             )  # fmt: skip
         except PrefillCancelled:
             restore()
@@ -155,11 +161,21 @@ class LLM:
         end-of-sequence token, a ``stop`` string or ``cancel`` (as ``-n -1`` does on the command line).
         """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        result = self.prefill(ids, prefill, progress=progress, cancel=cancel)
-        return self.complete(
+        stats = None
+        if prefill is not None and prefill.reform is not None:
+            # REFORM over one prompt: its last ``query`` tokens are the question, as in the paper.
+            reading = reform.read(self, ids, prefill, prefill.reform, progress=progress, cancel=cancel)
+            result, ids, stats = reform.answer(
+                self, reading, [], [], prefill.reform, read_seconds=reading.seconds, cancel=cancel
+            )
+        else:
+            result = self.prefill(ids, prefill, progress=progress, cancel=cancel)
+        completion = self.complete(
             result, ids, prefill=prefill, sampling=sampling, max_tokens=max_tokens, stop=stop,
             on_text=on_text, cancel=cancel, ignore_eos=ignore_eos,
         )  # fmt: skip
+        completion.reform = stats
+        return completion
 
     def chat(self, messages: Sequence[dict[str, str]], **options) -> Completion:
         """Answer a conversation (``[{"role": ..., "content": ...}, ...]``) rendered by the chat template."""
@@ -180,6 +196,8 @@ class LLM:
     ) -> Completion:
         """Generate after a prefill, appending every generated token to ``result.memory``."""
         config = prefill or PrefillConfig()
+        if config.reform is not None:  # the recomputed cache is exact: generation keeps all of it
+            config = PrefillConfig(positions=config.positions)
         memory = result.memory
         setup = self.attention_setup(config.build_policy(), config.positions)
         slack = None if config.decode_memory is None else max(16, config.decode_memory // 8)

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,16 +14,20 @@ from tqdm import tqdm
 
 import policies
 import schedules
-from engine.attention import POSITION_MODES, AttentionSetup, MemoryAttention
+from engine.attention import POSITION_MODES, AttentionSetup, MemoryAttention, Tap
 from engine.cache import KVMemory
 from engine.config import ModelConfig
 from engine.notices import notice
 from engine.peak_memory import begin_step, step_peak
 
+if TYPE_CHECKING:
+    from engine.reform import Reform
+
 PROGRESS_MIN_TOKENS = 1024  # shorter prompts are read too fast for a progress bar to help
 NO_POLICY = "none"
 FULL_SCHEDULE = "full"
 COMPRESSING_SCHEDULE = "imdc"  # what naming a policy without a schedule means
+REFORM_POLICY = "h2o"  # REFORM's reading compresses as the paper's does
 SPARSE_START_RATIO = 64  # a first step keeping under 1/64 of its chunk gets a note
 SCORE_ROWS = 512  # query rows whose attention scores are materialised at once (reference backend)
 
@@ -32,18 +36,21 @@ SCORE_ROWS = 512  # query rows whose attention scores are materialised at once (
 class PrefillConfig:
     """How a prompt is prefilled and how much memory it may keep.
 
-    ``schedule`` defaults to ``imdc`` when a compressing ``policy`` is named and to ``full`` (one
-    step, nothing dropped) otherwise; ``full`` with a compressing policy is refused unless
-    ``decode_memory`` is set (then only generation compresses). ``memory`` and ``chunk`` are the
+    ``policy`` defaults to ``none`` (``h2o`` with ``reform``). ``schedule`` defaults to ``imdc`` when
+    a compressing policy is named and to ``full`` (one step, nothing dropped) otherwise; ``full``
+    with a compressing policy is refused unless ``decode_memory`` is set (then only generation
+    compresses). ``memory`` and ``chunk`` are the
     schedule's M and c in tokens (sinks not counted); ``sinks`` first tokens are never evicted;
     ``positions`` is "compact" (renumber every step: any length fits the model's window) or
     "original". ``decode_memory`` bounds the memory during generation as well. ``query_window`` > 0
     makes compression query-aware: the prompt's last ``query_window`` tokens (the question) are also
-    run after every earlier chunk, and policies score with their attention.
+    run after every earlier chunk, and policies score with their attention. ``reform`` (an
+    ``engine.reform.Reform``) reads with this memory but answers from an exact cache recomputed over
+    the tokens gathered for each question (see ``engine.reform``).
     """
 
     schedule: str | None = None
-    policy: str = "none"
+    policy: str | None = None
     memory: int = 1024
     chunk: int = 1024
     sinks: int = 4
@@ -52,8 +59,15 @@ class PrefillConfig:
     schedule_args: Mapping[str, Any] = field(default_factory=dict)
     decode_memory: int | None = None
     query_window: int = 0
+    reform: Reform | None = None
 
     def __post_init__(self) -> None:
+        from engine.reform import Reform
+
+        if self.reform is not None and not isinstance(self.reform, Reform):
+            raise ValueError(f"reform must be an engine.reform.Reform, got {self.reform!r}")
+        if self.policy is None:
+            object.__setattr__(self, "policy", REFORM_POLICY if self.reform is not None else NO_POLICY)
         for name in ("memory", "chunk", "sinks", "query_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "chunk" else 0):
@@ -147,7 +161,9 @@ class StepStats:
 @dataclass
 class PrefillResult:
     memory: KVMemory
-    logits: torch.Tensor  # [B, V] of the last token, or [B, L, V] with all_logits
+    logits: (
+        torch.Tensor | None
+    )  # [B, V] of the last token, [B, L, V] with all_logits, None after an early exit
     steps: list[StepStats]
 
     @property
@@ -167,13 +183,16 @@ def run_prefill(
     all_logits: bool = False,
     progress: bool = False,
     cancel: threading.Event | None = None,
+    layers: int | None = None,
+    tap: Tap | None = None,
 ) -> PrefillResult:
     """Feed ``ids`` [B, L] into ``memory`` step by step; the attention callback compresses each layer.
 
     With ``query_window``, every step that ends before the question (the last ``query_window``
     tokens) feeds the question after its chunk as observers; steps holding part of it observe with
     those rows. Setting ``cancel`` stops the prefill within a layer with ``PrefillCancelled``,
-    leaving ``memory`` part-way through a step (``LLM.prefill`` puts it back).
+    leaving ``memory`` part-way through a step (``LLM.prefill`` puts it back). ``layers`` runs only
+    the first layers of the model (no logits: REFORM's reading); ``tap`` sees each layer's q, k, v.
     """
     device = ids.device
     length = ids.shape[1]
@@ -198,13 +217,15 @@ def run_prefill(
                 rows = end - max(offset, question_start)
             attend = MemoryAttention(
                 memory, setup, budget=step.memory, step=index, observers=observers, query_rows=rows,
-                cancel=cancel,
+                cancel=cancel, tap=tap,
             )  # fmt: skip
-            logits.append(model(tokens, attend, all_logits=all_logits))
+            logits.append(model(tokens, attend, all_logits=all_logits, layers=layers))
             memory.seen += step.chunk
             offset = end
             peak = step_peak(device)  # waits for the device, so the step's time is complete
             steps.append(StepStats(index, step.chunk, memory.kept(), time.perf_counter() - started, peak))
             bar.update(step.chunk)
             bar.set_postfix(memory=memory.kept())
+    if layers is not None:
+        return PrefillResult(memory, None, steps)
     return PrefillResult(memory, torch.cat(logits, dim=1) if all_logits else logits[-1], steps)

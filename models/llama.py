@@ -130,11 +130,16 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, ids: torch.Tensor, attend: Attend, *, all_logits: bool = False) -> torch.Tensor:
-        """Float32 logits of the last position [B, V], or of every position [B, L, V]."""
+    def forward(
+        self, ids: torch.Tensor, attend: Attend, *, all_logits: bool = False, layers: int | None = None
+    ) -> torch.Tensor | None:
+        """Float32 logits of the last position [B, V], or of every position [B, L, V]. With ``layers``,
+        only the first ``layers`` decoder layers run (an early exit) and nothing is returned."""
         # Activations run in the norms' dtype; the embedding may be stored narrower (weight_dtype).
         x = self.model.embed_tokens(ids).to(self.model.norm.weight.dtype)
-        for index, layer in enumerate(self.model.layers):
+        for index, layer in enumerate(self.model.layers[:layers]):
             x = layer(x, lambda q, k, v, index=index: attend(index, q, k, v))
+        if layers is not None:
+            return None
         x = self.model.norm(x if all_logits else x[:, -1])
         return self.lm_head(x).float()

@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise ToolError(
             f"--turns {args.turns}: {', '.join(single)} ask one question per document; leave them out"
         )
-    configs = configs_from_args(args)
+    configs = configs_from_args(args, reform=True)
     llm = load_from_args(args)
     cases = _cases(llm, tasks, lengths, args)
     settings = {

@@ -28,7 +28,8 @@ from engine.cli import run_main
 from engine.generate import GREEDY
 from engine.llm import LLM
 from engine.tokenizer import Tokenizer
-from tools.longctx import haystack
+from tools.longctx import LENGTH_TOLERANCE, haystack, passkey
+from tools.longctx.passkey import INTRO, KEY_DIGITS, NEEDLE, REPEAT_SENTENCES
 from tools.measure import Stopwatch
 from tools.prefill_specs import FULL, NamedConfig, add_config_options, configs_from_args, with_options
 from tools.report import (
@@ -45,22 +46,8 @@ from tools.report import (
 from tools.shapes import add_model_options, describe, load_from_args
 
 TOOL = "eval_passkey"
-INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the important information there.\n\n"
-)
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\n\nThere is a pass key hidden in the text above. What is the pass key?"
-REPEAT_SENTENCES = (
-    "The grass is green. ",
-    "The sky is blue. ",
-    "The sun is yellow. ",
-    "Here we go. ",
-    "There and back again. ",
-)
+QUESTION = "\n\n" + passkey.QUESTION
 FILLERS = ("repeat", "prose")
-LENGTH_TOLERANCE = 0.02
-KEY_DIGITS = 5
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Prefill configurations named on the command line: ``full`` or ``SCHEDULE:POLICY:M[:C][:KEY=VALUE...]``.
+"""Prefill configs named on the command line: ``full`` or ``[reform:]SCHEDULE:POLICY:M[:C][:KEY=VALUE...]``.
 
 ``imdc:snapkv:256`` is IMDC with SnapKV scores, memory M=256 and chunk C (default: ``--chunk``, else
 M, the paper's c=M); ``fixed:streaming:1024:512`` gives C explicitly; ``imdc:snapkv:256:kernel=9``
 passes a policy option to this config alone (``--policy-arg`` passes one to every config); ``full``
-is one full-attention step with no compression.
+is one full-attention step with no compression. ``reform:imdc:h2o:256`` reads that way and answers
+by REFORM (``engine.reform``); its options (``gather=2048``, ``pool``, ``prefix``, ``suffix``, ...)
+sit among the policy's.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 
 import policies
 import schedules
-from engine.chat import PLUGIN_HELP
+from engine.chat import PLUGIN_HELP, REFORM_OPTIONS, reform_options
 from engine.cli import parse_options
 from engine.prefill import PrefillConfig
 from engine.registry import load_plugin
 from tools.report import ToolError
 
 FULL = "full"
+REFORM = "reform"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ def parse_spec(
     if text == FULL:
         return NamedConfig(FULL, PrefillConfig())
     parts = text.split(":")
+    answering = parts[0] == REFORM
+    if answering:
+        parts = parts[1:]
     numbers = [part for part in parts[2:] if "=" not in part]
     own = [part for part in parts[2:] if "=" in part]
     if len(parts) < 3 or len(numbers) not in (1, 2) or parts[2 + len(numbers) :] != own:
@@ -55,13 +61,16 @@ def parse_spec(
         raise ToolError(f"config {text!r}: M and C must be whole numbers of tokens") from None
     size = rest[0] if rest else chunk or memory
     options = {**(policy_args or {}), **parse_options(own, f"config {text!r}")}
+    reform_args = {key: options.pop(key) for key in REFORM_OPTIONS if key in options} if answering else {}
     try:
         config = PrefillConfig(
-            schedule=schedule, policy=policy, memory=memory, chunk=size, policy_args=options
-        )
+            schedule=schedule, policy=policy, memory=memory, chunk=size, policy_args=options,
+            reform=reform_options(reform_args) if answering else None,
+        )  # fmt: skip
     except ValueError as error:
         raise ToolError(f"config {text!r}: {error}") from None
-    return NamedConfig(":".join([schedule, policy, str(memory), str(size), *own]), config)
+    label = ":".join([*([REFORM] if answering else []), schedule, policy, str(memory), str(size), *own])
+    return NamedConfig(label, config)
 
 
 def parse_specs(
@@ -100,11 +109,19 @@ def add_config_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
 
 
-def configs_from_args(args: argparse.Namespace) -> list[NamedConfig]:
-    """The configs of ``--configs``, after importing the ``--plugin`` modules that may define them."""
+def configs_from_args(args: argparse.Namespace, *, reform: bool = False) -> list[NamedConfig]:
+    """The configs of ``--configs``, after importing the ``--plugin`` modules that may define them.
+    Tools that answer questions (``reform``) also take REFORM configs."""
     for module in args.plugin:
         load_plugin(module)
-    return parse_specs(args.configs, chunk=args.chunk, policy_args=policy_args_of(args.policy_arg))
+    named = parse_specs(args.configs, chunk=args.chunk, policy_args=policy_args_of(args.policy_arg))
+    answering = [n.label for n in named if n.config.reform is not None]
+    if answering and not reform:
+        raise ToolError(
+            f"{', '.join(answering)}: REFORM answers questions over a document; evaluate it with "
+            "tools.eval_longctx (this tool measures prefills)"
+        )
+    return named
 
 
 def policy_args_of(pairs: Sequence[str]) -> dict[str, Any]:

@@ -109,7 +109,9 @@ def random_llm(
 def add_model_options(parser: argparse.ArgumentParser, *, shapes: bool) -> None:
     """--model (a checkpoint directory), --backend, --dtype, --device; --shape too when ``shapes``."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the default model)")
+    group.add_argument(
+        "-m", "--model", metavar="DIR", help="checkpoint directory (default: the default model)"
+    )
     if shapes:
         group.add_argument(
             "--shape",

@@ -382,3 +382,31 @@ def test_the_docs_say_what_the_commands_do():
     assert f"| `--plugin MODULE` | {PLUGIN_HELP} |" in readme
     assert "default: `imdc` when `--policy` is given, else `full`" in readme
     assert "--predict` (a negative number, the default, generates until the end-of-sequence token)" in readme
+
+
+def test_reform_reads_the_document_and_shows_both_phases(tmp_path):
+    import json
+
+    import engine
+    from engine import calibration
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", num_hidden_layers=3)
+    model = engine.load(checkpoint, backend="reference")
+    heads = {"heads": [[1, "k", 0], [0, "q", 2]]}
+    data = {"format": calibration.FORMAT, "model": calibration.identity(model), "reform": heads}
+    (checkpoint / calibration.CHECKPOINT_FILE).write_text(json.dumps(data))
+    document = tmp_path / "doc.txt"
+    document.write_text("Long context inference keeps a bounded memory of keys and values. " * 60)
+    argv = ["-m", str(checkpoint), "-f", str(document), "-n", "2", "--temp", "0", "--stats", "--reform"]
+    argv += ["--memory", "32", "--chunk", "64", "--reform-arg", "reserve=64", "--reform-arg", "prefix=16"]
+    result = chat(*argv, "--reform-arg", "suffix=16", stdin="what is kept?\nand then?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(f"tokens of {document}") == 1  # the document is read once, up front...
+    assert result.stderr.count("REFORM phase 1: read before with 2 of 3 layers") == 2
+    assert result.stderr.count("REFORM phase 2: gathered 448 of ") == 2  # ...and gathered for each question
+    bad = chat("-m", str(checkpoint), "-p", "hi", "--reform-arg", "gather=10")
+    assert bad.returncode == 2 and "--reform-arg sets REFORM's options: add --reform" in bad.stderr
+    bad = chat(
+        "-m", str(checkpoint), "-f", str(document), "-p", "hi", "--reform", "--reform-arg", "gatherr=10"
+    )
+    assert bad.returncode == 2 and "REFORM has no option gatherr; options: gather, pool" in bad.stderr

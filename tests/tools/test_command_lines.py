@@ -19,7 +19,12 @@ COMMANDS = {
     "tools.check_backends": [["frobnicate"], ["test", "--backend", "nope"], ["perf", "--lengths", "x"]],
     "tools.bench_prefill": [["--length", "-5"], ["--schedules", "weekly"], ["--memory", "a,b"]],
     "tools.bench_generate": [["--lengths", "x"], ["--configs", "imdc:nope:256"]],
-    "tools.eval_passkey": [["--keys", "0"], ["--depths", "2"], ["--configs", "full:snapkv"]],
+    "tools.eval_passkey": [
+        ["--keys", "0"],
+        ["--depths", "2"],
+        ["--configs", "full:snapkv"],
+        ["--configs", "reform:imdc:h2o:256"],
+    ],
     "tools.eval_ppl": [["--configs", "imdc"], ["--samples", "x"]],
     "tools.eval_longctx": [
         ["--tasks", "qa9"],
@@ -28,6 +33,7 @@ COMMANDS = {
         ["--plugin", "no_such_mod"],
     ],
     "tools.results": [["--docs", "/no/such/folder"]],
+    "tools.find_heads": [["--samples", "0"], ["--length", "many"]],
 }
 CASES = [(module, argv) for module, argvs in COMMANDS.items() for argv in argvs]
 

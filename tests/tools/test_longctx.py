@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 from tiny import write_tiny_checkpoint
 
+import engine
+from engine import calibration
 from engine.tokenizer import load_tokenizer
 from tools import eval_longctx
 from tools.longctx import PRESETS, TASKS, expand_tasks, make_case, score
 from tools.longctx.haystack import SOURCES, sentences
+from tools.prefill_specs import parse_spec
 
 NEEDLE = re.compile(r"One of the special magic (\w+) for (\S+) is: (\S+)\.(?:\s|$)")
 
@@ -46,6 +49,8 @@ def recovered(case) -> list[set[str]]:
             keys = [key for _, key, _ in needles if re.search(rf"\b{re.escape(key)}\b", question.text)]
             answers.append({value for _, key, value in needles if key in keys})
         return answers
+    if case.task == "passkey":
+        return [set(re.findall(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", case.document))]
     if case.task == "vt":
         return [
             variables_bound_to(case.document, re.search(r"value (\d+)", q.text).group(1))
@@ -115,6 +120,14 @@ def test_needles_are_present_exactly_as_often_as_intended(tokenizer, task, needl
         assert all(case.document.count(value) == 1 for value in question.expected)
 
 
+def test_passkey_depths_cycle_over_samples(tokenizer):
+    for sample, depth in enumerate((0.1, 0.5, 0.9, 0.1)):
+        case = make_case("passkey", tokenizer, 3000, sample=sample)
+        at = case.document.index("The pass key is")
+        assert case.questions[0].depths == (depth,)
+        assert abs(at / len(case.document) - depth) < 0.03
+
+
 def test_vt_chains_have_one_to_four_hops_and_one_to_three_chains(tokenizer):
     drawn = [make_case("vt", tokenizer, 2000, sample=sample).details for sample in range(12)]
     seen = {(details["hops"], details["chains"]) for details in drawn}
@@ -166,7 +179,7 @@ def test_task_lists_and_presets():
     assert expand_tasks("qa1,babilong,qa1") == ["qa1", "qa2", "qa3"]
     with pytest.raises(ValueError, match="unknown task 'qa9'"):
         expand_tasks("qa9")
-    assert set(PRESETS["ruler"]) | set(PRESETS["babilong"]) == set(TASKS)
+    assert set(TASKS) - set(PRESETS["ruler"]) - set(PRESETS["babilong"]) == {"passkey"}
 
 
 def test_impossible_lengths_are_refused(tokenizer):
@@ -178,7 +191,14 @@ def test_impossible_lengths_are_refused(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("longctx") / "ckpt", max_position_embeddings=4096)
+    directory = write_tiny_checkpoint(
+        tmp_path_factory.mktemp("longctx") / "ckpt", max_position_embeddings=4096
+    )
+    model = engine.load(directory)
+    heads = {"heads": [[1, "k", 0], [0, "q", 1]]}
+    data = {"format": calibration.FORMAT, "model": calibration.identity(model), "reform": heads}
+    (directory / calibration.CHECKPOINT_FILE).write_text(json.dumps(data))
+    return directory
 
 
 def run(tiny, json_path, *extra):
@@ -218,3 +238,27 @@ def test_eval_longctx_multi_turn_asks_every_question_over_one_memory(tiny, tmp_p
     assert sorted({r["turn"] for r in records}) == [0, 1] and len(records) == 2 * 3 * 2 * 2
     report = json.loads(json_path.read_text())
     assert eval_longctx.tables(report)[1].title.startswith("Accuracy % by question")
+
+
+def test_reform_configs_are_parsed_and_evaluated(tiny, tmp_path):
+    named = parse_spec("reform:imdc:snapkv:256:gather=600:kernel=3:prefix=32")
+    assert named.label == "reform:imdc:snapkv:256:256:gather=600:kernel=3:prefix=32"
+    assert (named.config.reform.gather, named.config.reform.prefix) == (600, 32)
+    assert dict(named.config.policy_args) == {"kernel": 3}
+    json_path = tmp_path / "reform.json"
+    argv = [
+        "--model",
+        str(tiny),
+        "--tasks",
+        "niah_single",
+        "--lengths",
+        "1500",
+        "--samples",
+        "1",
+        "--turns",
+        "2",
+    ]
+    argv += ["--configs", "reform:imdc:h2o:256:gather=600:prefix=32:suffix=32", "--json", str(json_path)]
+    assert eval_longctx.main(argv) == 0
+    records = json.loads(json_path.read_text())["records"]
+    assert [r["turn"] for r in records] == [0, 1] and all(r["memory_bytes"] > 0 for r in records)

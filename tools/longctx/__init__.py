@@ -33,6 +33,7 @@ class Question:
     text: str
     expected: tuple[str, ...]  # every string a full-score answer contains
     depths: tuple[float, ...] = ()  # where the facts it needs sit, 0 (start) to 1 (end)
+    facts: tuple[str, ...] = ()  # the sentences of the document it needs
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Task:
     name: str
     family: str  # "niah", "vt", "cwe", "fwe", "qa"
     answer_tokens: int  # greedy tokens generated per question
-    layout: Callable[..., Layout]  # (rng, *, source, turns) -> Layout
+    layout: Callable[..., Layout]  # (rng, *, source, turns, sample) -> Layout
     multi_turn: bool = True  # can carry several independent questions about one document
 
 
@@ -112,7 +113,7 @@ def make_case(
     if turns < 1 or (turns > 1 and not spec.multi_turn):
         raise ValueError(f"task {task} takes {'one question' if not spec.multi_turn else 'turns >= 1'}")
     rng = random.Random(f"{task}/{length}/{seed}/{sample}/{source}/{turns}")
-    layout = spec.layout(rng, source=source, turns=turns)
+    layout = spec.layout(rng, source=source, turns=turns, sample=sample)
     first = layout.questions[0].text
 
     def tokens(count: int, words: int = 0) -> int:
@@ -190,10 +191,10 @@ def score(answer: str, expected: Sequence[str]) -> float:
     return found / len(expected)
 
 
-from tools.longctx import babi, niah, variables, words  # noqa: E402  (the tasks register below)
+from tools.longctx import babi, niah, passkey, variables, words  # noqa: E402  (the tasks register below)
 
 TASKS: dict[str, Task] = {
-    task.name: task for module in (niah, variables, words, babi) for task in module.TASKS
+    task.name: task for module in (niah, variables, words, babi, passkey) for task in module.TASKS
 }
 PRESETS = {
     "ruler": (

@@ -116,7 +116,7 @@ def ask_before(world: World) -> list[tuple[str, str, list[str]]]:
 
 
 def story_task(questions: Callable[[World], list[tuple[str, str, list[str]]]]) -> Callable[..., Layout]:
-    def layout(rng: random.Random, *, source: str, turns: int) -> Layout:
+    def layout(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
         # Tell stories until one has a question for every turn (a few tries at most).
         while True:
             world = World(rng)
@@ -131,7 +131,12 @@ def story_task(questions: Callable[[World], list[tuple[str, str, list[str]]]]) -
             INTRO,
             passage(source, rng),
             [
-                Question(f"{text} Answer with the location only.", (answer,), depths_of(insertions, reasons))
+                Question(
+                    f"{text} Answer with the location only.",
+                    (answer,),
+                    depths_of(insertions, reasons),
+                    tuple(dict.fromkeys(reasons)),
+                )
                 for text, answer, reasons in asked[:turns]
             ],
             insertions,

@@ -90,19 +90,19 @@ def needle_layout(
     facts = [fact for group in groups for fact in group] + others
     rng.shuffle(facts)
     insertions = placed(rng, [needles.sentence(key, value) for key, value in facts])
-    questions = [
-        Question(
-            ask(group),
-            tuple(value for _, value in group),
-            depths_of(insertions, [needles.sentence(key, value) for key, value in group]),
+    questions = []
+    for group in groups:
+        facts = [needles.sentence(key, value) for key, value in group]
+        questions.append(
+            Question(
+                ask(group), tuple(value for _, value in group), depths_of(insertions, facts), tuple(facts)
+            )
         )
-        for group in groups
-    ]
     return Layout(intro(needles.kind), units, questions, insertions)
 
 
 def single(kind: str, distractors: int = 0) -> Callable[..., Layout]:
-    def layout(rng: random.Random, *, source: str, turns: int) -> Layout:
+    def layout(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
         needles = Needles(rng, source, kind)
         groups = [[(needles.key(), needles.value())] for _ in range(turns)]
         ask = lambda group: ask_one(kind, group[0][0])  # noqa: E731
@@ -111,7 +111,7 @@ def single(kind: str, distractors: int = 0) -> Callable[..., Layout]:
     return layout
 
 
-def multikey_many(rng: random.Random, *, source: str, turns: int) -> Layout:
+def multikey_many(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
     """The haystack itself is needles with other keys: every sentence is a distractor."""
     needles = Needles(rng, source, "number")
     groups = [[(needles.key(), needles.value())] for _ in range(turns)]
@@ -125,7 +125,7 @@ def multikey_many(rng: random.Random, *, source: str, turns: int) -> Layout:
     return needle_layout(rng, needles, groups, lambda group: ask_one("number", group[0][0]), units)
 
 
-def multivalue(rng: random.Random, *, source: str, turns: int) -> Layout:
+def multivalue(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
     needles = Needles(rng, source, "number")
     groups = []
     for _ in range(turns):
@@ -135,7 +135,7 @@ def multivalue(rng: random.Random, *, source: str, turns: int) -> Layout:
     return needle_layout(rng, needles, groups, ask, passage(source, rng))
 
 
-def multiquery(rng: random.Random, *, source: str, turns: int) -> Layout:
+def multiquery(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
     needles = Needles(rng, source, "number")
     groups = [[(needles.key(), needles.value()) for _ in range(GROUP)] for _ in range(turns)]
     ask = lambda group: ask_many("number", [key for key, _ in group])  # noqa: E731

@@ -31,7 +31,7 @@ def ask(value: str) -> str:
     )
 
 
-def layout(rng: random.Random, *, source: str, turns: int) -> Layout:
+def layout(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
     hops = rng.randint(*HOPS)
     chains = max(turns, rng.randint(*CHAINS))
     names: set[str] = set()
@@ -62,7 +62,7 @@ def layout(rng: random.Random, *, source: str, turns: int) -> Layout:
         ordered.append(queue.pop(0))
     insertions = placed(rng, ordered)
     questions = [
-        Question(ask(value), tuple(members), depths_of(insertions, statements))
+        Question(ask(value), tuple(members), depths_of(insertions, statements), tuple(statements))
         for value, members, statements in chain_list[:turns]
     ]
     return Layout(

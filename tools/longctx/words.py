@@ -23,7 +23,7 @@ FREQUENT = 3
 FWE_VOCABULARY = 400
 
 
-def cwe(rng: random.Random, *, source: str, turns: int) -> Layout:
+def cwe(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
     pool = list(dict.fromkeys(word for name in (source, *SOURCES) for word in vocabulary(name)))
     rng.shuffle(pool)
     common, rare = pool[:COMMON], pool[COMMON:]
@@ -54,7 +54,7 @@ def cwe(rng: random.Random, *, source: str, turns: int) -> Layout:
     )
 
 
-def fwe(rng: random.Random, *, source: str, turns: int) -> Layout:
+def fwe(rng: random.Random, *, source: str, turns: int, sample: int) -> Layout:
     made_up: list[str] = []
     while len(made_up) < FWE_VOCABULARY:
         word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 6)))
