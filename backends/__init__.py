@@ -102,17 +102,18 @@ class Backend:
         raise NotImplementedError
 
 
-def _choose_triton_mode() -> None:
+def prepare_triton() -> None:
     """Without a GPU, Triton kernels can only run interpreted, and Triton fixes the mode of each
     ``@triton.jit`` function (its own library's included) when it is defined. Torch imports triton
-    on its own (building a model on the meta device does), so the choice is made here, before
-    anything can. An explicit ``TRITON_INTERPRET`` is respected."""
+    on its own (building a model on the meta device does), so the entry points that may lead there
+    (``engine.load``, the triton backend, the tools' random models) call this first. It sets
+    ``TRITON_INTERPRET=1`` when there is no GPU and no explicit choice; importing ``backends`` does
+    not. If triton was already imported compiled, the triton backend declines CPU work instead."""
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     if not gpu and "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-_choose_triton_mode()
 _registry: Registry[Backend] = Registry("backend", entry_point_group="engine.backends")
 register = _registry.register
 get = _registry.get

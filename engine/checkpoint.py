@@ -51,7 +51,7 @@ def load_model(
         )
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} not found")
-    config = load_config(directory)
+    config = load_config(directory, models.available())
     files = checkpoint_files(directory)
     dtype = dtype or checkpoint_dtype(config, files)
     with torch.device("meta"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,20 +57,22 @@ _REQUIRED_SIZES = (
 )
 
 
-def load_config(directory: Path) -> ModelConfig:
+def load_config(directory: Path, architectures: Sequence[str]) -> ModelConfig:
     """Parse ``directory/config.json``; refuse architectures, rope types and options we can't run."""
     path = Path(directory) / "config.json"
     raw = read_json_object(path)
     if raw is None:
         raise ConfigError(f"{path} not found: a checkpoint directory needs config.json")
-    return parse_config(raw, read_json_object(Path(directory) / "generation_config.json"))
+    generation = read_json_object(Path(directory) / "generation_config.json")
+    return parse_config(raw, generation, architectures=architectures)
 
 
-def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
-    from models import available as architectures
-
+def parse_config(
+    raw: dict[str, Any], generation: dict[str, Any] | None = None, *, architectures: Sequence[str]
+) -> ModelConfig:
+    """The config of ``raw`` (config.json's object), for one of the ``architectures`` we can build."""
     names = raw.get("architectures") or []
-    known = architectures()
+    known = list(architectures)
     architecture = next((name for name in names if name in known), None)
     if architecture is None:
         shown = ", ".join(names) if names else f"model_type {raw.get('model_type')!r}"

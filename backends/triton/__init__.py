@@ -1,11 +1,11 @@
 """The Triton backend: fused prefill (with LSE), per-key score and split-K decode kernels.
 
-On a machine without a GPU the kernels run under Triton's interpreter, which ``backends`` switches
-on (``TRITON_INTERPRET=1``) before anything imports triton. Doing this for the whole process is
-safe: without a GPU no compiled Triton kernel can launch at all, so the only effect on other Triton
-code is to make it run, slowly, instead of failing. An explicit ``TRITON_INTERPRET=0`` is respected;
-the backend then reports CPU work as unsupported. Kernels only run on CUDA (or ROCm, which PyTorch
-also calls "cuda") devices, or interpreted on CPU tensors.
+On a machine without a GPU the kernels run under Triton's interpreter, which
+``backends.prepare_triton`` switches on (``TRITON_INTERPRET=1``) before triton is imported. Doing
+this for the whole process is safe: without a GPU no compiled Triton kernel can launch at all, so
+the only effect on other Triton code is to make it run, slowly, instead of failing. An explicit
+``TRITON_INTERPRET=0`` is respected; the backend then reports CPU work as unsupported. Kernels
+only run on CUDA (or ROCm, which PyTorch also calls "cuda") devices, or interpreted on CPU tensors.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import importlib.util
 
 import torch
 
-from backends import AttentionOutput, AttentionSpec, Backend, KeyStats
+from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, prepare_triton
 
+prepare_triton()
 if importlib.util.find_spec("triton") is None:
     raise ImportError(
         "the triton backend needs Triton: pip install triton (or pip install 'imdc-engine[triton]')"
     )
 
-from backends.triton import decode, prefill, scores
-from backends.triton.runtime import INTERPRETED
+from backends.triton import decode, prefill, scores  # noqa: E402  (after choosing the mode)
+from backends.triton.runtime import INTERPRETED  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128, 256)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+import models
 from engine.config import ConfigError, load_config, parse_config
 
 BASE = {
@@ -15,7 +16,7 @@ BASE = {
 
 
 def parse(**fields):
-    return parse_config({**BASE, **fields})
+    return parse_config({**BASE, **fields}, architectures=models.available())
 
 
 def test_defaults_and_derived_fields():
@@ -63,7 +64,7 @@ def test_mistral_sliding_window_and_eos_lists(tmp_path):
     raw = {**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 4096, "eos_token_id": [2, 7]}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
-    config = load_config(tmp_path)
+    config = load_config(tmp_path, models.available())
     assert config.architecture == "MistralForCausalLM" and config.sliding_window == 4096
     assert config.eos_token_ids == (2, 7, 9)
 
@@ -84,14 +85,14 @@ def test_unsupported_options_are_refused(fields, message):
 
 def test_missing_field_and_bad_files(tmp_path):
     with pytest.raises(ConfigError, match=r"needs config\.json"):
-        load_config(tmp_path)
+        load_config(tmp_path, models.available())
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
-        load_config(tmp_path)
+        load_config(tmp_path, models.available())
     raw = dict(BASE)
     del raw["hidden_size"]
     with pytest.raises(ConfigError, match="lacks the required field 'hidden_size'"):
-        parse_config(raw)
+        parse_config(raw, architectures=models.available())
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,11 @@ from tiny import write_tiny_checkpoint
 
 import schedules
 from engine.config import ModelConfig, RopeConfig
+from engine.gguf import convert
 from engine.llm import LLM, load
 from engine.prefill import PrefillConfig
 from engine.tokenizer import load_tokenizer
 from tools import bench_generate, bench_prefill, eval_passkey, eval_ppl, results
-from tools.convert_gguf import convert
 from tools.eval_passkey import INTRO, NEEDLE, QUESTION, filler_words, passkey_case, passkeys
 from tools.eval_ppl import corpus_samples, last_chunk_nll, stdlib_sources
 from tools.measure import DoesNotFit, Timing, memory_limit, repeated

@@ -9,15 +9,15 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-import tools.convert_gguf as convert_gguf
-from tools.convert_gguf import (
+import engine.gguf as convert_gguf
+from engine.gguf import (
     MARKER_FILE,
     GGUFConversionError,
     GGUFFileNotFoundError,
     convert,
-    main,
     rotate_half_rows,
 )
+from tools.convert_gguf import main
 
 Q = gguf.GGMLQuantizationType
 # Worst-case error of one stored value relative to its block's largest magnitude.
