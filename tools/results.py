@@ -25,7 +25,7 @@ from tools.bench_prefill import PAPER_TABLE_A, paper_rows
 from tools.eval_ppl import PAPER_TABLE_B
 from tools.report import Table, describe_machine, render, tool_parser
 
-TOOLS = ("bench_prefill", "eval_passkey", "eval_ppl", "bench_generate", "eval_longctx")
+TOOLS = ("bench_prefill", "eval_passkey", "eval_ppl", "bench_generate", "eval_longctx", "bench_reform")
 DOCS = Path("docs")
 
 
@@ -76,6 +76,12 @@ LONGCTX_GRID = "--tasks core --lengths 2048,4096,8192,16384 --samples 3"
 LONGCTX_TURNS = (
     "--tasks niah_single,niah_multikey,niah_multivalue,vt,qa1,qa2 --lengths 4096 --samples 3 --turns 3"
 )
+REFORM_PASSKEY_CONFIGS = ",".join(
+    ["full"]
+    + [f"imdc:{policy}:{memory}" for memory in (256, 1024) for policy in ("h2o", "snapkv")]
+    + [f"reform:imdc:h2o:{memory}" for memory in (256, 1024)]
+)
+REFORM_PASSKEY = "--tasks passkey --lengths 1536,4096,8192,16384,32768 --samples 9"
 RUNS = (
     Run(
         "Prefill schedules on the CPU, SnapKV (default model)",
@@ -141,6 +147,39 @@ RUNS = (
         _command("eval_longctx", f"{LONGCTX_TURNS} --configs {LONGCTX_CONFIGS}", "longctx_multiturn"),
     ),
     Run(
+        "REFORM: pass key beyond the window, question-agnostic (3 depths x 3 keys)",
+        "CPU",
+        _command(
+            "eval_longctx",
+            f"{REFORM_PASSKEY} --configs {REFORM_PASSKEY_CONFIGS}",
+            "reform_passkey",
+        ),
+    ),
+    Run(
+        "REFORM: long-context tasks",
+        "CPU",
+        _command(
+            "eval_longctx",
+            "--tasks core --lengths 4096,8192,16384 --samples 3 "
+            "--configs reform:imdc:h2o:1024,reform:imdc:h2o:256,imdc:h2o:256,imdc:snapkv:256",
+            "reform_longctx",
+        ),
+    ),
+    Run(
+        "REFORM: three questions about one document",
+        "CPU",
+        _command(
+            "eval_longctx",
+            f"{LONGCTX_TURNS} --configs reform:imdc:h2o:1024,reform:imdc:h2o:1024:gather=2048",
+            "reform_multiturn",
+        ),
+    ),
+    Run(
+        "REFORM: time to first token and memory against imdc and full",
+        "CPU",
+        _command("bench_reform", "--lengths 8192,16384,32768 --memory 1024 --chunk 1024", "bench_reform"),
+    ),
+    Run(
         "Prefill and decode speed against transformers and llama.cpp",
         "CPU",
         _command("bench_generate", "--lengths 512,2048,8192 --decode-tokens 64 "
@@ -190,6 +229,10 @@ README_RUNS = {
     "longctx.json": (0,),
     "longctx_query_aware.json": (0,),
     "longctx_multiturn.json": (1,),
+    "reform_passkey.json": (0,),
+    "reform_longctx.json": (0,),
+    "reform_multiturn.json": (1,),
+    "bench_reform.json": (0,),
 }
 
 
