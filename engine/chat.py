@@ -8,22 +8,25 @@ python -m engine.chat -f report.txt --schedule imdc --policy snapkv --memory 512
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-import backends
 from engine.attention import PrefillCancelled
-from engine.cli import Parser, parse_options, run_main
-from engine.generate import Sampling
-from engine.llm import LLM, Completion, load
+from engine.cli import Parser, run_main
+from engine.llm import LLM, Completion
 from engine.notices import notice
-from engine.prefill import FULL_SCHEDULE, NO_POLICY, PrefillConfig, PrefillResult
-from engine.reform import Reform
-from engine.registry import load_plugin
+from engine.options import (
+    add_model_options,
+    add_prefill_options,
+    add_sampling_options,
+    load_model,
+    prefill_config,
+    sampling,
+)
+from engine.prefill import FULL_SCHEDULE, PrefillConfig, PrefillResult
 from engine.session import ChatSession
 
 COMMANDS = {
@@ -33,126 +36,27 @@ COMMANDS = {
     "/exit": "leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)",
 }
 HELP = "commands: " + ", ".join(COMMANDS) + "; Ctrl-C stops reading or answering; //text sends /text"
-REFORM_OPTIONS = [field.name for field in dataclasses.fields(Reform)]
-DEFAULT_BUDGET = 1024  # tokens of --memory and --chunk when a policy is named without them
-FLOAT16_SPEEDUP = "1.5-2.7x faster CPU decode, logits within ~0.04 (docs/RESULTS.md)"
-PLUGIN_HELP = "import a module (dotted name, or a .py file) that registers policies, schedules or backends"
 
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m engine.chat", description=__doc__.split("\n")[0])
-    p.add_argument("-m", "--model", help="checkpoint directory (default: SmolLM2-135M-Instruct)")
+    add_model_options(p)
     p.add_argument("-p", "--prompt", help="answer this one message and exit")
     p.add_argument("-f", "--file", help="a document put in the context before the conversation")
     p.add_argument("-sys", "--system-prompt", help="system message")
     p.add_argument(
         "-n", "--predict", type=int, default=-1, help="tokens to generate per answer (negative: until EOS)"
     )
-    p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=40, help="top-k sampling (0: off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (1: off)")
-    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling (0: off)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1: off)")
-    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repetition penalty looks back")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    p.add_argument("-s", "--seed", type=int, default=-1, help="sampling seed (-1: random)")
-    p.add_argument("--backend", default="auto", help=f"attention backend: {', '.join(backends.available())}")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
-    p.add_argument("--weight-dtype", help=f"store weights narrower: float16 is {FLOAT16_SPEEDUP}")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--chat-template-file", help="a Jinja chat template replacing the checkpoint's")
-    long = p.add_argument_group("long context: chunked prefill into a compressed memory")
-    long.add_argument(
-        "--schedule",
-        help="full, fixed, im, imdc, or a plugin's (default: imdc when --policy is given, else full)",
-    )
-    long.add_argument(
-        "--policy", help="none, streaming, snapkv, h2o, ..., or a plugin's (default: none; h2o with --reform)"
-    )
-    long.add_argument(
-        "--memory", type=int, help=f"memory budget M in tokens, sinks excluded (default {DEFAULT_BUDGET})"
-    )
-    long.add_argument("--chunk", type=int, help=f"chunk size c in tokens (default {DEFAULT_BUDGET})")
-    long.add_argument("--sinks", type=int, default=4, help="first tokens never evicted")
-    long.add_argument("--positions", default="compact", help="compact (renumber each step) or original")
-    long.add_argument(
+    add_sampling_options(p)
+    p.add_argument(
         "--query-aware",
         action="store_true",
         help="read -f's document with the first question and compress by that question's attention",
     )
-    long.add_argument(
-        "--decode-memory", type=int, help="also keep the memory within this budget while generating"
-    )
-    long.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE", help="policy option")
-    long.add_argument(
-        "--schedule-arg", action="append", default=[], metavar="KEY=VALUE", help="e.g. shape=sqrt"
-    )
-    long.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
-    long.add_argument("--stats", action="store_true", help="print per-step prefill stats after each answer")
-    reform = p.add_argument_group(
-        "REFORM: read -f's document with the memory above, answer each question from an exact cache "
-        "recomputed over the document tokens gathered for it"
-    )
-    reform.add_argument("--reform", action="store_true", help="answer by REFORM (needs -f)")
-    reform.add_argument(
-        "--reform-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"one of {', '.join(REFORM_OPTIONS)} (e.g. gather=2048)",
-    )
+    p.add_argument("--stats", action="store_true", help="print per-step prefill stats after each answer")
+    add_prefill_options(p)
     return p
-
-
-def prefill_config(args: argparse.Namespace) -> PrefillConfig:
-    for module in args.plugin:
-        load_plugin(module)
-    if args.reform_arg and not args.reform:
-        raise ValueError("--reform-arg sets REFORM's options: add --reform")
-    config = PrefillConfig(
-        reform=reform_options(parse_options(args.reform_arg, "--reform-arg")) if args.reform else None,
-        schedule=args.schedule,
-        policy=args.policy,
-        memory=DEFAULT_BUDGET if args.memory is None else args.memory,
-        chunk=DEFAULT_BUDGET if args.chunk is None else args.chunk,
-        sinks=args.sinks,
-        positions=args.positions,
-        policy_args=parse_options(args.policy_arg, "--policy-arg"),
-        schedule_args=parse_options(args.schedule_arg, "--schedule-arg"),
-        decode_memory=args.decode_memory,
-    )
-    # A budget or a chunk that nothing would use means the user expected compression: say so.
-    if config.policy == NO_POLICY and config.decode_memory is None:
-        if args.memory is not None:
-            raise ValueError(
-                f"--memory {args.memory} sets a compression budget, but no --policy chooses which tokens to "
-                "keep: add one, e.g. --policy snapkv (or streaming, h2o, ...)"
-            )
-        if args.chunk is not None and config.schedule == FULL_SCHEDULE:
-            raise ValueError(
-                f"--chunk {args.chunk} splits the prompt only with a chunked --schedule (fixed, im, imdc) "
-                "or a --policy (then imdc)"
-            )
-    return config
-
-
-def reform_options(options: dict[str, object]) -> Reform:
-    unknown = [key for key in options if key not in REFORM_OPTIONS]
-    if unknown:
-        raise ValueError(f"REFORM has no option {', '.join(unknown)}; options: {', '.join(REFORM_OPTIONS)}")
-    return Reform(**options)
-
-
-def sampling(args: argparse.Namespace) -> Sampling:
-    return Sampling(
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        repeat_last_n=args.repeat_last_n,
-        seed=None if args.seed < 0 else args.seed,
-    )
 
 
 def format_stats(completion: Completion, document: PrefillResult | None = None) -> str:
@@ -225,17 +129,9 @@ def warn_if_beyond_window(llm: LLM, session: ChatSession, config: PrefillConfig)
 def run(args: argparse.Namespace) -> int:
     config = prefill_config(args)
     options = sampling(args)
-    template = Path(args.chat_template_file).read_text(encoding="utf-8") if args.chat_template_file else None
     document = Path(args.file).read_text(encoding="utf-8") if args.file else None
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
-    llm = load(
-        args.model,
-        backend=args.backend,
-        dtype=args.dtype,
-        weight_dtype=args.weight_dtype,
-        device=args.device,
-        chat_template=template,
-    )
+    llm = load_model(args)
     session = ChatSession(
         llm,
         prefill=config,
@@ -310,4 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Leaving: a further Ctrl-C while the interpreter shuts down must not kill it by the signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)

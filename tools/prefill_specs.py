@@ -17,8 +17,8 @@ from typing import Any
 
 import policies
 import schedules
-from engine.chat import PLUGIN_HELP, REFORM_OPTIONS, reform_options
 from engine.cli import parse_options
+from engine.options import PLUGIN_HELP, REFORM_OPTIONS, reform_options
 from engine.prefill import PrefillConfig
 from engine.registry import load_plugin
 from tools.report import ToolError

@@ -372,9 +372,9 @@ def test_second_ctrl_c_while_reading_exits_with_130(tiny, slow_document):
 def test_the_docs_say_what_the_commands_do():
     from pathlib import Path
 
-    from engine.chat import FLOAT16_SPEEDUP, PLUGIN_HELP
     from engine.checkpoint import load_model
     from engine.llm import load
+    from engine.options import FLOAT16_SPEEDUP, PLUGIN_HELP
 
     readme = (Path(REPO) / "README.md").read_text(encoding="utf-8")
     figure = FLOAT16_SPEEDUP.split(",")[0]  # "1.5-2.7x faster CPU decode"
