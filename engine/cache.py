@@ -147,6 +147,23 @@ class KVMemory:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every layer's entries by name (``"3.keys"``, ``"3.state.h2o_mass"``...), to save the memory."""
+        return {
+            f"{index}.{name}": tensor.contiguous()
+            for index, layer in enumerate(self.layers)
+            for name, tensor in layer.snapshot().items()
+        }
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], *, seen: int) -> None:
+        """Hold the entries ``tensors`` names (from ``tensors()`` of a memory of the same shape)."""
+        for index, layer in enumerate(self.layers):
+            prefix = f"{index}."
+            layer.restore(
+                {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+            )
+        self.seen = seen
+
     def rollback_point(self, *, appending_only: bool) -> Callable[[], None]:
         """A function that puts the memory back as it is now. When what follows only appends (no
         eviction, no state update), forgetting the new entries is enough; otherwise every layer's

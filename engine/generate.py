@@ -1,8 +1,11 @@
 """Sampling and the token loop. Sampler order and semantics follow llama.cpp:
-repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw (temperature <= 0 is greedy)."""
+penalties -> top-k -> top-p -> min-p -> temperature -> draw (temperature <= 0 is greedy). The
+penalties are llama.cpp's repetition penalty over recent tokens, then OpenAI's presence and frequency
+penalties over the tokens generated so far."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import random
@@ -21,10 +24,19 @@ class Sampling:
     min_p: float = 0.05  # 0: off
     repeat_penalty: float = 1.0  # 1: off
     repeat_last_n: int = 64  # how many recent tokens (prompt included) the penalty looks at
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated so far
     seed: int | None = None  # None: a random seed
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repeat_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -38,6 +50,9 @@ class Sampling:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise ValueError(f"repeat_penalty must be positive, got {self.repeat_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
 
 
 GREEDY = Sampling(temperature=0.0)
@@ -49,14 +64,25 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(
             sampling.seed if sampling.seed is not None else random.randrange(2**63)
         )
+        self.generated: collections.Counter[int] = collections.Counter()
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         """Draw the next token from float32 ``logits`` [V] given the tokens so far."""
+        token = self._draw(logits, history)
+        self.generated[token] += 1
+        return token
+
+    def _draw(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         s = self.sampling
         logits = logits.detach().float().cpu()
         if s.repeat_penalty != 1.0 and s.repeat_last_n != 0 and history:
             window = history[-s.repeat_last_n :] if s.repeat_last_n > 0 else history
             logits = penalize_repeats(logits, window, s.repeat_penalty)
+        if (s.presence_penalty or s.frequency_penalty) and self.generated:
+            tokens = torch.tensor(list(self.generated))
+            counts = torch.tensor(list(self.generated.values()), dtype=logits.dtype)
+            logits = logits.clone()
+            logits[tokens] -= s.presence_penalty + s.frequency_penalty * counts
         if s.temperature <= 0:
             return int(logits.argmax())
         candidates = torch.arange(logits.numel())

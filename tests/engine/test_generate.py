@@ -126,3 +126,14 @@ def test_no_limit_means_until_end_of_sequence(max_tokens):
 def test_non_finite_or_wrongly_typed_sampling_is_refused(options, message):
     with pytest.raises(ValueError, match=message):
         Sampling(**options)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    sampler = Sampler(Sampling(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3))
+    logits = torch.tensor([1.0, 0.9, 0.0])
+    assert sampler(logits, []) == 0  # nothing generated yet: no penalty
+    assert sampler(logits, []) == 1  # token 0 now costs 0.5 + 0.3 = 0.8: 0.2 < 0.9
+    assert sampler(logits, []) == 0  # 0.2 vs 0.9 - 0.8 = 0.1
+    assert sampler(logits, []) == 1  # 1.0 - 0.5 - 0.6 = -0.1 vs 0.1
+    with pytest.raises(ValueError, match="presence_penalty must be between -2 and 2"):
+        Sampling(presence_penalty=3.0)
