@@ -1,9 +1,9 @@
 """The server under load: throughput and time to first token, and what conversation reuse saves.
 
-    python -m tools.bench_serve --clients 1,4,16 --tokens 32 --document 4096 --turns 3
+    python -m tools.bench_serve --clients 1,4,16 --tokens 32 --document 4096 --config imdc:snapkv:1024
 
-Starts ``python -m engine.serve`` on a free loopback port (greedy, with the prefill options given
-after ``--``) and measures, in one run:
+Starts ``python -m engine.serve`` on a free loopback port (greedy, with ``--config``'s prefill, a spec
+as the other tools take: ``full`` or SCHEDULE:POLICY:M[:C]) and measures, in one run:
 - concurrency: N clients at once, each streaming one answer of ``--tokens`` tokens to a short question
   of its own; time to first token (mean and worst) and generated tokens per second over the run;
 - conversation reuse: one conversation over a ``--document``-token document, ``--turns`` questions
@@ -29,8 +29,10 @@ from typing import Any
 import httpx
 
 from engine.cli import run_main
+from engine.prefill import PrefillConfig
 from engine.tokenizer import load_tokenizer
 from tools.longctx import make_case
+from tools.prefill_specs import parse_spec
 from tools.report import (
     Table,
     ToolError,
@@ -55,11 +57,7 @@ def parser() -> argparse.ArgumentParser:
         "--document", type=int, default=4096, help="tokens of the multi-turn document (default: %(default)s)"
     )
     p.add_argument("--turns", type=int, default=3, help="questions about the document (default: %(default)s)")
-    p.add_argument(
-        "server",
-        nargs=argparse.REMAINDER,
-        help="after --: the server's prefill options, e.g. -- --policy snapkv",
-    )
+    p.add_argument("--config", default="imdc:snapkv:1024", help="the server's prefill (default: %(default)s)")
     add_output_options(p)
     return p
 
@@ -127,13 +125,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     clients = parse_list(args.clients, int, "--clients")
     if min(clients) < 1 or args.tokens < 1 or args.turns < 1:
         raise ToolError("--clients, --tokens and --turns must be at least 1")
-    extra = [a for a in args.server if a != "--"]
+    extra = server_flags(parse_spec(args.config).config)
     model = ["-m", args.model] if args.model else []
     settings = {
         "clients": clients,
         "tokens": args.tokens,
         "document": args.document,
         "turns": args.turns,
+        "config": args.config,
         "server": extra,
     }
     report = start_report(TOOL, argv, "cpu", settings)
@@ -151,6 +150,17 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         cold.stop()
     publish(report, tables, json_path=args.json, plot_path=args.plot, draw=draw)
     return 0
+
+
+def server_flags(config: PrefillConfig) -> list[str]:
+    """The server's command-line flags for a prefill config (a plain one: no plugin options)."""
+    if config.schedule == "full":
+        return []
+    flags = ["--schedule", config.schedule, "--policy", config.policy]
+    flags += ["--memory", str(config.memory), "--chunk", str(config.chunk)]
+    for key, value in config.policy_args.items():
+        flags += ["--policy-arg", f"{key}={value}"]
+    return flags
 
 
 def _concurrent(server: Server, count: int, tokens: int) -> dict[str, Any]:
@@ -197,7 +207,7 @@ def _model_dir(model: str | None) -> Path:
 
 def tables(report: dict[str, Any]) -> list[Table]:
     settings = report["settings"]
-    options = " ".join(settings["server"]) or "server defaults"
+    options = settings["config"]
     concurrency = Table(
         f"Concurrent clients, {settings['tokens']} tokens each ({settings.get('model')}, {options})",
         ["clients", "tokens/s", "TTFT mean s", "TTFT worst s", "wall s"],

@@ -25,7 +25,15 @@ from tools.bench_prefill import PAPER_TABLE_A, paper_rows
 from tools.eval_ppl import PAPER_TABLE_B
 from tools.report import Table, describe_machine, render, tool_parser
 
-TOOLS = ("bench_prefill", "eval_passkey", "eval_ppl", "bench_generate", "eval_longctx", "bench_reform")
+TOOLS = (
+    "bench_prefill",
+    "eval_passkey",
+    "eval_ppl",
+    "bench_generate",
+    "eval_longctx",
+    "bench_reform",
+    "bench_serve",
+)
 DOCS = Path("docs")
 
 
@@ -180,6 +188,14 @@ RUNS = (
         _command("bench_reform", "--lengths 8192,16384,32768 --memory 1024 --chunk 1024", "bench_reform"),
     ),
     Run(
+        "The server: concurrent clients and conversation reuse",
+        "CPU",
+        _command(
+            "bench_serve", "--clients 1,4,16 --tokens 32 --document 4096 --turns 3 --config imdc:snapkv:1024",
+            "bench_serve",
+        ),
+    ),
+    Run(
         "Prefill and decode speed against transformers and llama.cpp",
         "CPU",
         _command("bench_generate", "--lengths 512,2048,8192 --decode-tokens 64 "
@@ -233,6 +249,7 @@ README_RUNS = {
     "reform_longctx.json": (0,),
     "reform_multiturn.json": (1,),
     "bench_reform.json": (0,),
+    "bench_serve.json": (0, 1),
 }
 
 

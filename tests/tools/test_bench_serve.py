@@ -13,19 +13,7 @@ def test_bench_serve_measures_concurrency_and_reuse(tmp_path, capsys):
     checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", max_position_embeddings=4096)
     json_path, png = tmp_path / "serve.json", tmp_path / "serve.png"
     argv = ["-m", str(checkpoint), "--clients", "1,3", "--tokens", "3", "--document", "700", "--turns", "2"]
-    argv += [
-        "--json",
-        str(json_path),
-        "--plot",
-        str(png),
-        "--",
-        "--policy",
-        "streaming",
-        "--memory",
-        "128",
-        "--chunk",
-        "128",
-    ]
+    argv += ["--json", str(json_path), "--plot", str(png), "--config", "imdc:streaming:128"]
     assert bench_serve.main(argv) == 0
     assert "Concurrent clients" in capsys.readouterr().out and png.stat().st_size > 0
     report = json.loads(json_path.read_text())

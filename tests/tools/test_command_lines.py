@@ -34,6 +34,9 @@ COMMANDS = {
     ],
     "tools.results": [["--docs", "/no/such/folder"]],
     "tools.find_heads": [["--samples", "0"], ["--length", "many"]],
+    "engine.serve": [["--port", "99999"], ["--memory", "64"], ["--queue", "x"]],
+    "tools.bench_serve": [["--clients", "0"], ["--config", "imdc:nope:256"]],
+    "tools.bench_reform": [["--lengths", "x"], ["--policy", "nope"]],
 }
 CASES = [(module, argv) for module, argvs in COMMANDS.items() for argv in argvs]
 
