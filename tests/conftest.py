@@ -19,3 +19,19 @@ def default_model_dir() -> Path:
     from engine.default_model import default_model_dir as prepare
 
     return prepare(progress=False)
+
+
+@pytest.fixture
+def registered():
+    """``registered(registry_module, name, factory)`` registers for one test only: test-only entries must
+    not reach tests that walk every registered name."""
+    added = []
+
+    def add(module, name, factory):
+        module.register(name)(factory)
+        added.append((module, name))
+        return factory
+
+    yield add
+    for module, name in added:
+        del module._registry._factories[name]

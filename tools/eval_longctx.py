@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from engine.cli import run_main
@@ -190,6 +191,7 @@ def _attempt(llm: LLM, named: NamedConfig, case: Case, query_aware: bool) -> lis
         llm, prefill=named.config, sampling=GREEDY, document=case.document, query_aware=query_aware
     )
     turns = []
+    load = os.getloadavg()[0]  # other work on the machine slows the timings: recorded beside them
     with Stopwatch(llm.device) as watch:
         for question in case.questions:
             completion = session.ask(question.text, max_tokens=case.answer_tokens, progress=False)
@@ -218,6 +220,8 @@ def _attempt(llm: LLM, named: NamedConfig, case: Case, query_aware: bool) -> lis
                 "memory_bytes": memory.nbytes,
                 "peak_bytes": watch.timing.peak_bytes,
                 "added_bytes": watch.timing.added_bytes,
+                "load_average": load,
+                "threads": torch.get_num_threads(),
             }
         )
     return records
@@ -281,6 +285,7 @@ def tables(report: dict[str, Any]) -> list[Table]:
 
     notes = ["All tasks weigh the same in a mean; '-': not run (see the notes)."]
     notes += _baseline_note(records, lengths, tasks)
+    notes += _load_note(records, report["machine"].get("cores") or 1)
     summary = Table(
         f"Accuracy % by prompt length, mean over tasks ({where})",
         ["config", *[f"L={length}" for length in lengths], "all", "prefill s", "peak GiB", "memory MiB"],
@@ -349,6 +354,21 @@ def _baseline_note(records: list[dict[str, Any]], lengths: list[int], tasks: lis
             "about compression."
         )
     return [note]
+
+
+def _load_note(records: list[dict[str, Any]], cores: int) -> list[str]:
+    """Timings taken while other work shared the CPU are said to be so (accuracy does not depend on it)."""
+    loads = [r["load_average"] for r in records if "load_average" in r]
+    busy = len(loads) < len(records) or (loads and statistics.mean(loads) > 1.25 * cores)
+    if not busy:
+        return []
+    shown = (
+        f"mean load average {statistics.mean(loads):.1f} on {cores} cores" if loads else "load not recorded"
+    )
+    return [
+        f"The seconds and memory columns were measured while other evaluations shared the machine ({shown}): "
+        "they show the order of magnitude only; the benchmark tables are measured alone."
+    ]
 
 
 def draw(pyplot, report: dict[str, Any]):

@@ -197,7 +197,6 @@ def assert_same_memory(memory, state):
         assert all(torch.equal(a, b) for a, b in zip(current, saved, strict=True))
 
 
-@policies.register("cancels_at_third_selection")
 class CancelsMidway(policies.Policy):
     """Streaming, but sets the test's cancel event at its third selection (mid-prefill)."""
 
@@ -214,7 +213,8 @@ class CancelsMidway(policies.Policy):
 
 
 @pytest.mark.parametrize("policy", ["cancels_at_third_selection", "none"])
-def test_a_cancelled_prefill_puts_the_memory_back(llm, policy):
+def test_a_cancelled_prefill_puts_the_memory_back(llm, policy, registered):
+    registered(policies, "cancels_at_third_selection", CancelsMidway)
     config = PrefillConfig(schedule="fixed", policy=policy, memory=16, chunk=16)
     first = llm.prefill(IDS[:40], PrefillConfig(schedule="fixed", policy="streaming", memory=16, chunk=16))
     before = memory_state(first.memory)
@@ -251,7 +251,6 @@ def test_a_cancelled_turn_leaves_the_conversation_as_it_was(llm):
     assert_same_memory(session.memory, before[3])
 
 
-@policies.register("one_head_for_all")
 class OneHeadForAll(policies.Policy):
     """Returns head 0's choice as [B, 1, k]: would broadcast over every KV head if unchecked."""
 
@@ -259,7 +258,8 @@ class OneHeadForAll(policies.Policy):
         return torch.arange(budget)[None, None, :]
 
 
-def test_a_selection_must_have_every_kv_head(llm):
+def test_a_selection_must_have_every_kv_head(llm, registered):
+    registered(policies, "one_head_for_all", OneHeadForAll)
     config = PrefillConfig(schedule="fixed", policy="one_head_for_all", memory=8, chunk=16)
     with pytest.raises(PolicyError, match=r"shape \(1, 1, 8\); expected int64 \[1, 2, k\]"):
         llm.prefill(IDS, config)

@@ -166,10 +166,10 @@ class NoStatistics(backends.reference.ReferenceBackend):
         return not spec.stats
 
 
-backends.register("no_statistics")(NoStatistics)
-
-
-def test_a_backend_without_statistics_falls_back_with_one_note(tmp_path, capsys, llm, monkeypatch):
+def test_a_backend_without_statistics_falls_back_with_one_note(
+    tmp_path, capsys, llm, monkeypatch, registered
+):
+    registered(backends, "no_statistics", NoStatistics)
     monkeypatch.setattr(notices, "_said", set())
     model = engine.load(llm.path, backend="no_statistics")
     config = PrefillConfig(schedule="fixed", policy="h2o", chunk=64, memory=32, reform=Reform(**SMALL))
