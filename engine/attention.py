@@ -67,6 +67,7 @@ class MemoryAttention:
         self.memory = memory
         self.cancel = cancel
         self.tap = tap
+        self._angle_cache: dict[tuple[int | None, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.setup = setup
         self.budget = budget
         self.step = step
@@ -86,17 +87,31 @@ class MemoryAttention:
         original = torch.arange(self.start, self.start + new, device=q.device)
         if self.observers:
             original = torch.cat((original, self.observer_positions.to(q.device)))
-        if setup.positions == "compact":
-            at = torch.arange(layer_memory.length, layer_memory.length + q.shape[2], device=q.device)
-        else:
-            at = original
-        q = setup.rope.rotate(q, at)
-        layer_memory.append(k, setup.rope.rotate(k, at), v, original)
+        cos, sin = self._angles(layer_memory.length, q.shape[2], original, q.dtype)
+        q = Rope.apply(q, cos, sin)
+        layer_memory.append(k, Rope.apply(k, cos, sin), v, original)
         keys, values = layer_memory.rotated, layer_memory.values
         attend = setup.backend.decode if q.shape[2] == 1 else setup.backend.prefill
         result = attend(q, keys, values, window=setup.window)
         self._compress(layer, layer_memory, q, keys, result.lse, new)
         return result.out
+
+    def _angles(
+        self, length: int, count: int, original: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the ``count`` new rows of a layer holding ``length`` entries; layers of
+        equal length share them, so a decode step computes them once, not once per layer."""
+        compact = self.setup.positions == "compact"
+        key = (length if compact else None, count, dtype)
+        if key not in self._angle_cache:
+            rope = self.setup.rope
+            if compact:
+                self._angle_cache[key] = rope.span(length, count, dtype)
+            elif self.observers:
+                self._angle_cache[key] = rope.at(original, dtype)
+            else:
+                self._angle_cache[key] = rope.span(self.start, count, dtype)
+        return self._angle_cache[key]
 
     def _compress(
         self,

@@ -7,6 +7,7 @@ plus one tensor. Pickle-based weights (``.bin``, ``.pt``) are never loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,8 +15,10 @@ from safetensors import safe_open
 from torch import nn
 
 import models
-from engine.config import ModelConfig, load_config
+from engine import gguf
+from engine.config import ModelConfig, load_config, parse_config
 from models.llama import Linear
+from models.quantized import quantize_model
 
 # Buffers some exporters write that the modules recompute.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -31,40 +34,87 @@ def load_model(
     directory: Path,
     *,
     dtype: torch.dtype | None = None,
-    weight_dtype: torch.dtype | None = None,
+    weight_dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[ModelConfig, nn.Module]:
     """Build the model ``directory/config.json`` describes and fill it from its safetensors files.
 
     ``dtype`` is the activations' (default: the checkpoint's); ``weight_dtype`` (default: ``dtype``)
-    stores the embedding and linear weights narrower, e.g. float16 for 1.5-2.7x faster CPU decode.
+    stores the embedding and linear weights narrower: a float dtype (float16 gives 1.5-2.7x faster
+    CPU decode), or "int8" / "int4" (weight-only quantized, ``models.quantized``; CPU only).
     """
     directory = Path(directory)
     if directory.is_file() and directory.suffix.lower() == ".gguf":
-        raise CheckpointError(
-            f"{directory} is a GGUF file; convert it into a checkpoint directory once with "
-            f"`python -m tools.convert_gguf {directory} DIR`, then pass -m DIR"
-        )
+        return load_gguf(gguf.read(directory), dtype=dtype, weight_dtype=weight_dtype, device=device)
     if directory.is_file():
         raise CheckpointError(
-            f"{directory} is a file; -m takes a checkpoint directory (config.json, *.safetensors)"
+            f"{directory} is a file; -m takes a checkpoint directory (config.json, *.safetensors) "
+            "or a .gguf file"
         )
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} not found")
     config = load_config(directory, models.available())
     files = checkpoint_files(directory)
     dtype = dtype or checkpoint_dtype(config, files)
+    model = empty_model(config, dtype, weight_dtype, device)
+    load_weights(model, files, tied=config.tie_word_embeddings)
+    if isinstance(weight_dtype, str):
+        quantize_model(model, weight_dtype, dtype)
+    return config, model.eval()
+
+
+def load_gguf(
+    checkpoint: gguf.GGUFCheckpoint,
+    *,
+    dtype: torch.dtype | None = None,
+    weight_dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[ModelConfig, nn.Module]:
+    """Build the model of a Llama GGUF file directly, keeping its quantization where our kernels can:
+    4-bit linear layers (Q4_0, Q4_1, Q4_K) as int4, other quantized ones as int8, F16 as float16;
+    ``weight_dtype`` chooses otherwise. Tensors are mapped and q/k rows reordered as ``tools.convert_gguf``
+    does (``engine.gguf``)."""
+    config = parse_config(checkpoint.config, checkpoint.generation_config, architectures=models.available())
+    dtype = dtype or torch.float32
+    if weight_dtype is None:
+        weight_dtype = gguf.native_format(checkpoint.storage())
+        if isinstance(weight_dtype, str) and torch.device(device).type != "cpu":
+            weight_dtype = None  # quantized kernels are the CPU's: keep the activations' dtype
+    model = empty_model(config, dtype, weight_dtype, device)
+    weights = checkpoint.weights()
+    fill_weights(
+        model, ((checkpoint.name, name, lambda t=tensor: t) for name, tensor in weights.items()),
+        tied=config.tie_word_embeddings,
+    )  # fmt: skip
+    del weights
+    if isinstance(weight_dtype, str):
+        quantize_model(model, weight_dtype, dtype)
+    return config, model.eval()
+
+
+def empty_model(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    weight_dtype: torch.dtype | str | None,
+    device: torch.device | str,
+) -> nn.Module:
+    """The model ``config`` describes, its tensors allocated (uninitialised) on ``device``: activations
+    in ``dtype``, embedding and linear weights in a float ``weight_dtype`` (quantized forms are made
+    from the loaded float weights)."""
+    if isinstance(weight_dtype, str) and torch.device(device).type != "cpu":
+        raise CheckpointError(
+            f"{weight_dtype} weights run on the CPU only; use --device cpu or a float dtype"
+        )
     with torch.device("meta"):
         model = models.build(config)
     model = model.to(dtype)
-    if weight_dtype is not None:
+    if isinstance(weight_dtype, torch.dtype):
         for module in model.modules():
             if isinstance(module, (Linear, nn.Embedding)):
                 module.to(weight_dtype)
     model = model.to_empty(device=device).requires_grad_(False)
     model.tie_weights()
-    load_weights(model, files, tied=config.tie_word_embeddings)
-    return config, model.eval()
+    return model
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
@@ -105,29 +155,46 @@ def checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
 
 
 def load_weights(model: nn.Module, files: list[Path], *, tied: bool) -> None:
-    """Copy every tensor into its place: each place written once, each tensor used or ignored."""
+    """Fill ``model`` from safetensors ``files``, reading each tensor only when it has a place."""
+
+    def tensors() -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
+        for path in files:
+            with _open(path) as reader:
+                for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield (
+                        path.name,
+                        name,
+                        lambda reader=reader, path=path, name=name: _read(reader, path, name),
+                    )
+
+    fill_weights(model, tensors(), tied=tied)
+
+
+def fill_weights(
+    model: nn.Module, tensors: Iterable[tuple[str, str, Callable[[], torch.Tensor]]], *, tied: bool
+) -> None:
+    """Copy every (source, name, read) tensor into its place: each place written once, each tensor
+    used or ignored."""
     places = parameter_places(model)
     written: set[str] = set()
     unexpected: list[str] = []
-    for path in files:
-        with _open(path) as reader:
-            for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-                    continue
-                if name not in places:
-                    unexpected.append(name)
-                    continue
-                if name in written:
-                    raise CheckpointError(f"tensor {name!r} appears in more than one shard")
-                tensor = _read(reader, path, name)
-                target = places[name]
-                if tensor.shape != target.shape:
-                    raise CheckpointError(
-                        f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
-                        f"the config implies {tuple(target.shape)}; config.json and the weights disagree"
-                    )
-                target.copy_(tensor)
-                written.add(name)
+    for source, name, read in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in places:
+            unexpected.append(name)
+            continue
+        if name in written:
+            raise CheckpointError(f"tensor {name!r} appears in more than one shard")
+        tensor = read()
+        target = places[name]
+        if tensor.shape != target.shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(target.shape)}; config.json and the weights disagree"
+            )
+        target.copy_(tensor)
+        written.add(name)
     missing = sorted(set(places) - written)
     if missing or unexpected:
         problems = []

@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from engine.notices import notice
+
 # Written last into a finished conversion; bump the version when the output format changes so that
 # caches built by an older converter are rebuilt.
 MARKER_FILE = "converted_from_gguf.json"
@@ -110,22 +112,15 @@ def convert(src: Path, out_dir: Path, *, progress: bool = True) -> Path:
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise GGUFConversionError(f"{out_dir} already exists and is not empty: remove it or choose another")
-    reader = _open(src)
-    metadata = _Metadata(reader)
-    config = _model_config(metadata, reader)
-    tokenizer, tokenizer_config, generation_config = _tokenizer_files(metadata, config)
-    stop_ids = generation_config["eos_token_id"]
-    config["bos_token_id"] = generation_config["bos_token_id"]
-    config["eos_token_id"] = stop_ids[0] if isinstance(stop_ids, list) else stop_ids
-
+    checkpoint = read(src)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        save_file(_hf_weights(reader, config, progress), str(staging / "model.safetensors"))
-        tokenizer.save(str(staging / "tokenizer.json"))
-        _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", generation_config)
-        _write_json(staging / "tokenizer_config.json", tokenizer_config)
+        save_file(checkpoint.weights(progress), str(staging / "model.safetensors"))
+        checkpoint.tokenizer.save(str(staging / "tokenizer.json"))
+        _write_json(staging / "config.json", checkpoint.config)
+        _write_json(staging / "generation_config.json", checkpoint.generation_config)
+        _write_json(staging / "tokenizer_config.json", checkpoint.tokenizer_config)
         _write_json(staging / MARKER_FILE, conversion_marker(src))
         _allow_reading(staging)
         if out_dir.is_dir():
@@ -135,6 +130,63 @@ def convert(src: Path, out_dir: Path, *, progress: bool = True) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file read as a Hugging Face style checkpoint: what ``convert`` writes, and what
+    ``engine.load`` builds a model from directly."""
+
+    name: str  # the file's name
+    reader: gguf.GGUFReader
+    config: dict[str, Any]  # config.json
+    generation_config: dict[str, Any]
+    tokenizer: Tokenizer  # tokenizer.json
+    tokenizer_config: dict[str, Any]  # with the chat template
+
+    def weights(self, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor under its Hugging Face name, dequantized to float32, q/k rows in HF order."""
+        return _hf_weights(self.reader, self.config, progress)
+
+    def storage(self) -> dict[str, str]:
+        """How the file stores each tensor (Hugging Face name -> GGML type name, e.g. "Q4_1")."""
+        layers = self.config["num_hidden_layers"]
+        return {_hf_name(tensor.name, layers): tensor.tensor_type.name for tensor in self.reader.tensors}
+
+
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def native_format(storage: dict[str, str]) -> torch.dtype | str:
+    """The weight format closest to how the file stores its linear layers: "int4" when all are 4-bit,
+    "int8" when all are quantized (5-, 6- and 8-bit ones are kept as int8, said once), else the
+    widest float type among them."""
+    linear = {name: kind for name, kind in storage.items() if name.endswith("proj.weight")}
+    kinds = set(linear.values())
+    if kinds and kinds <= set(FOUR_BIT):
+        return "int4"
+    if kinds and not kinds & set(FLOAT_TYPES):
+        wider = sorted(kinds - set(FOUR_BIT) - {"Q8_0"})
+        if wider:
+            notice(
+                f"the GGUF's {', '.join(wider)} weights have no kernel of their own here; they run as int8"
+            )
+        return "int8"
+    floats = [FLOAT_TYPES[kind] for kind in kinds if kind in FLOAT_TYPES]
+    return max(floats, key=lambda dtype: torch.finfo(dtype).bits, default=torch.float32)
+
+
+def read(src: Path) -> GGUFCheckpoint:
+    """Read a Llama GGUF file's metadata, vocabulary and tensor index (the tensors stay on disk)."""
+    reader = _open(Path(src))
+    metadata = _Metadata(reader)
+    config = _model_config(metadata, reader)
+    tokenizer, tokenizer_config, generation_config = _tokenizer_files(metadata, config)
+    stop_ids = generation_config["eos_token_id"]
+    config["bos_token_id"] = generation_config["bos_token_id"]
+    config["eos_token_id"] = stop_ids[0] if isinstance(stop_ids, list) else stop_ids
+    return GGUFCheckpoint(Path(src).name, reader, config, generation_config, tokenizer, tokenizer_config)
 
 
 def conversion_marker(src: Path) -> dict[str, Any]:
@@ -184,7 +236,8 @@ def _model_config(metadata: _Metadata, reader: gguf.GGUFReader) -> dict[str, Any
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise GGUFConversionError(
-            f"the GGUF architecture is {arch!r}; only 'llama' GGUF files can be converted"
+            f"the GGUF architecture is {arch!r}; only 'llama' GGUF files (Llama, Mistral, SmolLM...) "
+            "are supported"
         )
     if metadata.get("llama.expert_count", 0):
         raise GGUFConversionError("mixture-of-experts 'llama' GGUF files (Mixtral) are not supported")
@@ -297,8 +350,9 @@ def _hf_weights(reader: gguf.GGUFReader, config: dict[str, Any], progress: bool)
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError:
             raise GGUFConversionError(
-                f"tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, "
-                "which the installed gguf package cannot dequantize"
+                f"tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which cannot be read here; "
+                "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants (what the gguf "
+                "package dequantizes)"
             ) from None
         # GGUF lists dimensions fastest-varying first; torch lists them slowest first.
         values = np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))

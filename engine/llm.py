@@ -13,16 +13,17 @@ from torch import nn
 
 import backends
 import schedules
-from engine import reform
+from engine import gguf, reform
 from engine.attention import AttentionSetup, MemoryAttention, PrefillCancelled, Tap
 from engine.cache import KVMemory
-from engine.checkpoint import DTYPES, load_model
+from engine.checkpoint import DTYPES, load_gguf, load_model
 from engine.config import ModelConfig
 from engine.generate import Sampler, Sampling, generate_tokens
 from engine.peak_memory import require_available
 from engine.prefill import PrefillConfig, PrefillResult, prefill_bytes, run_prefill
 from engine.reform import ReformStats
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_from
+from models.quantized import FORMATS as QUANTIZED_FORMATS
 from models.rope import Rope
 from policies import Policy
 
@@ -255,18 +256,25 @@ def load(
 
     ``dtype``: the activations' (default: the checkpoint's). ``weight_dtype``: how embedding and
     linear weights are stored (default: ``dtype``); float16 gives 1.5-2.7x faster CPU decode for a
-    small loss of accuracy.
+    small loss of accuracy; "int8" and "int4" store them weight-only quantized (CPU only).
     """
     from engine.default_model import default_model_dir
 
     if backend not in backends.available():
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(backends.available())}")
-    dtype, weight_dtype = parse_dtype(dtype, "dtype"), parse_dtype(weight_dtype, "weight dtype")
+    dtype, weight_dtype = parse_dtype(dtype, "dtype"), parse_weight_format(weight_dtype)
     device = parse_device(device)
     backends.prepare_triton()  # before the model is built: building it may import triton
     path = Path(model) if model is not None else default_model_dir()
-    config, module = load_model(path, dtype=dtype, weight_dtype=weight_dtype, device=device)
-    tokenizer = load_tokenizer(path, chat_template=chat_template)
+    if path.is_file() and path.suffix.lower() == ".gguf":  # read directly, its quantization kept
+        checkpoint = gguf.read(path)
+        config, module = load_gguf(checkpoint, dtype=dtype, weight_dtype=weight_dtype, device=device)
+        tokenizer = tokenizer_from(
+            checkpoint.tokenizer, checkpoint.tokenizer_config, chat_template=chat_template
+        )
+    else:
+        config, module = load_model(path, dtype=dtype, weight_dtype=weight_dtype, device=device)
+        tokenizer = load_tokenizer(path, chat_template=chat_template)
     activations = module.model.norm.weight.dtype
     return LLM(path, config, module, tokenizer, backend=backend, device=device, dtype=activations)
 
@@ -288,6 +296,18 @@ def parse_device(value: str | torch.device | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {value!r}: only {torch.cuda.device_count()} GPU(s) here")
     return device
+
+
+def parse_weight_format(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """How weights are stored: a float dtype (by name or alias), "int8" or "int4"."""
+    if value in QUANTIZED_FORMATS:
+        return value
+    try:
+        return parse_dtype(value, "weight dtype")
+    except ValueError:
+        raise ValueError(
+            f"unknown weight dtype {value!r}; use one of {', '.join([*DTYPES, *QUANTIZED_FORMATS])}"
+        ) from None
 
 
 def parse_dtype(value: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:

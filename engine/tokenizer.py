@@ -80,11 +80,14 @@ class _Backend(Protocol):
 class _TokenizersBackend:
     """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` library."""
 
-    def __init__(self, path: Path) -> None:
-        try:
-            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as error:  # the Rust side reports every problem as a bare Exception
-            raise TokenizerError(f"cannot load {path}: {error}") from None
+    def __init__(self, source: Path | tokenizers.Tokenizer) -> None:
+        if isinstance(source, tokenizers.Tokenizer):
+            self._tokenizer = source
+        else:
+            try:
+                self._tokenizer = tokenizers.Tokenizer.from_file(str(source))
+            except Exception as error:  # the Rust side reports every problem as a bare Exception
+                raise TokenizerError(f"cannot load {source}: {error}") from None
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.default_bos_id = self.default_eos_id = None
 
@@ -329,7 +332,17 @@ def load_tokenizer(directory: Path, *, chat_template: str | None = None) -> Toke
     return Tokenizer(backend, config, chat_template)
 
 
-def _configured_template(config: Mapping[str, Any], directory: Path) -> str:
+def tokenizer_from(
+    tokenizer: tokenizers.Tokenizer, config: Mapping[str, Any], *, chat_template: str | None = None
+) -> Tokenizer:
+    """The engine's tokenizer over a ``tokenizers`` object and tokenizer_config's contents (a GGUF
+    file's vocabulary, read without writing files)."""
+    if chat_template is None:
+        chat_template = _configured_template(config, None)
+    return Tokenizer(_TokenizersBackend(tokenizer), config, chat_template)
+
+
+def _configured_template(config: Mapping[str, Any], directory: Path | None) -> str:
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
@@ -341,8 +354,8 @@ def _configured_template(config: Mapping[str, Any], directory: Path) -> str:
         template = named["default"]
     if isinstance(template, str):
         return template
-    template_file = directory / "chat_template.jinja"
-    if template_file.is_file():
+    template_file = None if directory is None else directory / "chat_template.jinja"
+    if template_file is not None and template_file.is_file():
         return template_file.read_text(encoding="utf-8")
     return CHATML_TEMPLATE
 

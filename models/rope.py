@@ -38,11 +38,25 @@ class Rope:
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [..., L, D] rotated at ``positions`` ([L], or [..., L] broadcastable to x's leading dims)."""
+        return self.apply(x, *self.at(positions, x.dtype))
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [..., L, D] at arbitrary ``positions``."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self._cos.shape[0]:
             self._grow(needed)
-        cos = self._cos[positions].to(x.dtype)
-        sin = self._sin[positions].to(x.dtype)
+        return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
+
+    def span(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [length, D] at positions start..start+length-1: a slice of the table, no search
+        for the largest position (decode asks for one position per layer and token)."""
+        if start + length > self._cos.shape[0]:
+            self._grow(start + length)
+        return self._cos[start : start + length].to(dtype), self._sin[start : start + length].to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x rotated by the angles whose ``cos`` and ``sin`` are given (rotate-half layout)."""
         half = x.shape[-1] // 2
         rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated_half * sin

@@ -4,6 +4,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
@@ -325,3 +326,63 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "imdc-engine"
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "mine"))
     assert cache_root() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("form", [None, "float32", "int8", "int4"])
+def test_a_gguf_loads_directly_as_its_converted_checkpoint_does(tiny_gguf, tmp_path, form):
+    import engine
+
+    source = tiny_gguf()
+    direct = engine.load(source.path, weight_dtype=form, backend="reference")
+    checkpoint = convert(source.path, tmp_path / "out", progress=False)
+    converted = engine.load(checkpoint, weight_dtype=form or "float32", backend="reference")
+    messages = [{"role": "user", "content": "x = 12345, y = 678"}]
+    ids = converted.tokenizer.encode_chat(messages)
+    assert direct.tokenizer.encode_chat(messages) == ids
+    assert direct.tokenizer.chat_template == converted.tokenizer.chat_template
+    assert torch.equal(direct.logits(ids), converted.logits(ids))
+
+
+def test_a_gguf_of_4_bit_layers_runs_them_as_int4(tiny_gguf, monkeypatch):
+    import engine
+    from engine import gguf as reading
+    from models.quantized import Int4Linear, Int8Linear
+
+    source = tiny_gguf()
+    storage = reading.read(source.path).storage()
+    four_bit = {name: ("Q4_1" if name.endswith("proj.weight") else kind) for name, kind in storage.items()}
+    assert reading.native_format(four_bit) == "int4"
+    assert reading.native_format({**four_bit, "model.layers.0.mlp.up_proj.weight": "Q6_K"}) == "int8"
+    monkeypatch.setattr(reading.GGUFCheckpoint, "storage", lambda self: four_bit)
+    model = engine.load(source.path, backend="reference").model
+    assert all(
+        isinstance(m, Int4Linear)
+        for name, m in model.named_modules()
+        if name.endswith(("qkv_proj", "down_proj"))
+    )
+    assert isinstance(model.lm_head, (Int4Linear, Int8Linear))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"arch": "qwen2"}, "only 'llama' GGUF files"),
+        ({}, "stored as Q4_1, which cannot be read here; supported: F32"),
+    ],
+)
+def test_an_unsupported_gguf_gets_one_clear_line(tiny_gguf, monkeypatch, capsys, options, message):
+    from engine.chat import main as chat
+
+    source = tiny_gguf(**options)
+    if not options:
+
+        def unreadable(data, kind):
+            if kind == Q.Q4_1:
+                raise NotImplementedError
+            return real(data, kind)
+
+        real = gguf.quants.dequantize
+        monkeypatch.setattr(gguf.quants, "dequantize", unreadable)
+    assert chat(["-m", str(source.path), "-p", "hi", "-n", "1"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and message in lines[0]
