@@ -2,13 +2,18 @@
 
     python -m tools.bench_generate --lengths 512,2048,8192,16384 --decode-tokens 64
 
-Engines: this one with float32 weights and with float16 weights (``--weight-dtypes``), each with
-every ``--configs`` entry (full attention, and a bounded memory that decoding also keeps within M);
-``transformers`` in float32 (one forward with a cache, then a greedy loop over ``past_key_values``);
-``llama.cpp`` (llama-cpp-python) on the GGUF file the default model was converted from. Every
-engine is timed the same way: the prompt's forward pass, then ``--decode-tokens`` greedy tokens, each
-fed back one at a time. Prompts are standard library source (the ``eval_ppl`` corpus). With a bounded
-memory, decoding costs the same however long the prompt was; full caches slow down as they grow.
+Engines: this one in every ``--weight-dtypes`` format (``float32``; ``float16`` weights with float32
+activations; ``bfloat16``; ``int8`` and ``int4`` weights with bfloat16 activations where the CPU has
+them; ``gguf``: the GGUF file loaded directly, its quantization kept), each with every ``--configs``
+entry (full attention, and a bounded memory that decoding also keeps within M); ``transformers`` in
+float32 (one forward with a cache, then a greedy loop over ``past_key_values``); ``llama.cpp``
+(llama-cpp-python) on the GGUF file the default model was converted from. Every engine is timed the
+same way: the prompt's forward pass, then ``--decode-tokens`` greedy tokens, each fed back one at a
+time. Prompts are standard library source (the ``eval_ppl`` corpus). With a bounded memory, decoding
+costs the same however long the prompt was; full caches slow down as they grow. Each of our formats
+is loaded alone, its weights' bytes and the process's resident memory recorded, and its logits on a
+fixed set of prompts compared with float32's (largest and mean difference, and how many of its first
+greedy tokens equal float32's).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from tqdm import tqdm
 from engine.cli import run_main
 from engine.generate import GREEDY
 from engine.llm import LLM, load
+from engine.peak_memory import current_bytes, release_freed_memory
+from models.quantized import nbytes
 from tools.eval_ppl import corpus_samples
 from tools.measure import Stopwatch, Timing, repeated
 from tools.prefill_specs import NamedConfig, add_config_options, configs_from_args, with_options
@@ -48,7 +55,19 @@ TOOL = "bench_generate"
 TRANSFORMERS = "transformers fp32"
 LLAMA_CPP = "llama.cpp"
 ENGINES = ("ours", "transformers", "llama.cpp")
-WEIGHT_LABELS = {"float32": "fp32", "float16": "fp16 weights", "bfloat16": "bf16 weights"}
+BF16 = torch.cpu._is_avx512_bf16_supported()  # the packed int8/int4 kernels are fast with bf16 activations
+ACTIVATIONS = "bfloat16" if BF16 else "float32"
+# --weight-dtypes entry -> (weight format, activations dtype, label)
+FORMATS = {
+    "float32": ("float32", "float32", "fp32"),
+    "float16": ("float16", "float32", "fp16 weights"),
+    "bfloat16": ("bfloat16", "bfloat16", "bf16"),
+    "int8": ("int8", ACTIVATIONS, f"int8 weights ({ACTIVATIONS[:4].replace('floa', 'fp32')})"),
+    "int4": ("int4", ACTIVATIONS, f"int4 weights ({ACTIVATIONS[:4].replace('floa', 'fp32')})"),
+    "gguf": (None, ACTIVATIONS, "GGUF direct"),
+}
+ACCURACY_PROMPTS = 2  # prompts of ACCURACY_TOKENS tokens whose logits each format is compared on
+ACCURACY_TOKENS = 128
 
 
 class Engine(Protocol):
@@ -135,7 +154,9 @@ def parser() -> argparse.ArgumentParser:
         "--engines", default=",".join(ENGINES), help="engines to run, comma list (default: %(default)s)"
     )
     p.add_argument(
-        "--weight-dtypes", default="float32,float16", help="our engine's weight dtypes (default: %(default)s)"
+        "--weight-dtypes",
+        default="float32,bfloat16,int8,int4,gguf",
+        help=f"our engine's weight formats: {', '.join(FORMATS)} (default: %(default)s)",
     )
     add_config_options(p, default="full,imdc:snapkv:1024")
     p.add_argument(
@@ -164,47 +185,71 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     unknown = [name for name in chosen if name not in ENGINES]
     if unknown:
         raise ToolError(f"unknown engine {unknown[0]!r}; known: {', '.join(ENGINES)}")
+    formats = parse_list(args.weight_dtypes, str, "--weight-dtypes") if "ours" in chosen else []
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        raise ToolError(f"unknown weight format {unknown[0]!r}; known: {', '.join(FORMATS)}")
     if args.decode_tokens < 1:
         raise ToolError(f"--decode-tokens must be at least 1, got {args.decode_tokens}")
+    configs = configs_from_args(args)
+    gguf = _gguf(args.gguf, args.model, [])
+    if "gguf" in formats and gguf is None:
+        raise ToolError("--weight-dtypes gguf needs the GGUF file: give --gguf with --model")
     notes: list[str] = []
-    engines = _our_engines(args) if "ours" in chosen else []
-    reference = engines[0].llm if engines else load(args.model, dtype="float32", device="cpu")
+    reference = load(args.model, dtype="float32", device="cpu")
+    prompt = corpus_samples(reference.tokenizer, max(lengths), 1)[0]
+    probes = corpus_samples(reference.tokenizer, ACCURACY_TOKENS, ACCURACY_PROMPTS + 1)[1:]
+    reference_logits = [reference.logits(ids) for ids in probes]
+    path = reference.path
+    runs: list[tuple[str, Any]] = [(form, None) for form in formats]  # ours: loaded when their turn comes
     if "transformers" in chosen:
-        engines += _optional(lambda: TransformersEngine(reference.path), "transformers", "test", notes)
-    if "llama.cpp" in chosen:
-        gguf = _gguf(args.gguf, args.model, notes)
+        runs += [
+            (TRANSFORMERS, engine)
+            for engine in _optional(lambda: TransformersEngine(path), "transformers", "test", notes)
+        ]
+    if "llama.cpp" in chosen and gguf is not None:
         context = max(lengths) + args.decode_tokens + 8
-        if gguf is not None:
-            llama_cpp = _optional(
-                lambda: LlamaCppEngine(gguf, context, args.threads), "llama_cpp", "llamacpp", notes
+        for engine in _optional(
+            lambda: LlamaCppEngine(gguf, context, args.threads), "llama_cpp", "llamacpp", notes
+        ):
+            notes.append(
+                f"llama.cpp runs its GGUF's own weights ({gguf.name}, quantized as shipped) and "
+                "allocates its whole context when it loads, so its 'run MiB' is near zero"
             )
-            if llama_cpp:
-                notes.append(
-                    f"llama.cpp runs its GGUF's own weights ({gguf.name}, quantized as shipped) and "
-                    "allocates its whole context when it loads, so its 'run MiB' is near zero"
-                )
-            engines += llama_cpp
+            runs.append((engine.label, engine))
+    labels = [f"ours {FORMATS[form][2]} {named.label}" for form in formats for named in configs]
+    labels += [label for label, engine in runs if engine is not None]
     settings = {
         "lengths": lengths,
         "decode_tokens": args.decode_tokens,
-        "engines": [engine.label for engine in engines],
+        "engines": labels,
+        "formats": formats,
         "repeat": args.repeat,
         "threads": args.threads,
         "torch_threads": torch.get_num_threads(),
         "window": reference.config.max_position_embeddings,
         **describe(reference),
     }
+    del reference
     report = start_report(TOOL, argv, "cpu", settings)
     report["notes"] += notes
-    prompt = corpus_samples(reference.tokenizer, max(lengths), 1)[0]
-    rows = []
-    with tqdm(total=len(lengths) * len(engines), desc=TOOL, unit="run") as bar:
-        for length in lengths:
+    rows, weights = [], []
+    total = (len(formats) * len(configs) + len(runs) - len(formats)) * len(lengths)
+    with tqdm(total=total, desc=TOOL, unit="run") as bar:
+        for form, peer in runs:
+            if peer is not None:
+                engines = [peer]
+            else:
+                llm, loaded = _load_format(args.model, gguf, form)
+                weights.append({"format": form, **loaded, **_accuracy(llm, probes, reference_logits)})
+                engines = [_ours(llm, form, named, args) for named in configs]
             for engine in engines:
-                rows.append(_measure(engine, prompt[:length], args.decode_tokens, args.repeat))
-                bar.update()
-    _compare(rows)
-    report["rows"] = rows
+                for length in lengths:
+                    rows.append(_measure(engine, prompt[:length], args.decode_tokens, args.repeat))
+                    bar.update()
+            engines = llm = None  # release this format before loading the next
+    _compare(rows, formats, configs)
+    report["rows"], report["weights"] = rows, weights
     beyond = [length for length in lengths if length > settings["window"]]
     if beyond:
         report["notes"].append(
@@ -216,16 +261,34 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
-def _our_engines(args: argparse.Namespace) -> list[OurEngine]:
-    engines = []
-    for weight_dtype in parse_list(args.weight_dtypes, str, "--weight-dtypes"):
-        llm = load(args.model, dtype="float32", weight_dtype=weight_dtype, device="cpu")
-        for named in configs_from_args(args):
-            if named.bounded:
-                named = with_options(named, decode_memory=args.decode_memory or named.config.memory)
-            weights = WEIGHT_LABELS.get(weight_dtype, weight_dtype)
-            engines.append(OurEngine(f"ours {weights} {named.label}", llm, named))
-    return engines
+def _load_format(model: str | None, gguf: Path | None, form: str) -> tuple[LLM, dict[str, Any]]:
+    """Our engine in weight format ``form``, its weights' bytes and the process's resident memory."""
+    weights, activations, _ = FORMATS[form]
+    release_freed_memory()
+    before = current_bytes(torch.device("cpu"))
+    source = gguf if form == "gguf" else model
+    llm = load(source, dtype=activations, weight_dtype=weights, device="cpu")
+    release_freed_memory()
+    return llm, {
+        "weights_bytes": nbytes(llm.model),
+        "resident_bytes": current_bytes(torch.device("cpu")),
+        "loaded_bytes": current_bytes(torch.device("cpu")) - before,
+    }
+
+
+def _ours(llm: LLM, form: str, named: NamedConfig, args: argparse.Namespace) -> OurEngine:
+    if named.bounded:
+        named = with_options(named, decode_memory=args.decode_memory or named.config.memory)
+    return OurEngine(f"ours {FORMATS[form][2]} {named.label}", llm, named)
+
+
+def _accuracy(llm: LLM, probes: list[list[int]], reference: list[torch.Tensor]) -> dict[str, float]:
+    """Largest and mean |logit - float32 logit| over every position of the probe prompts."""
+    errors = [(llm.logits(ids) - logits).abs() for ids, logits in zip(probes, reference, strict=True)]
+    return {
+        "max_logit_error": max(float(error.max()) for error in errors),
+        "mean_logit_error": sum(float(error.mean()) for error in errors) / len(errors),
+    }
 
 
 def _optional(build, module: str, extra: str, notes: list[str]) -> list[Engine]:
@@ -275,15 +338,28 @@ def _measure(engine: Engine, ids: list[int], decode_tokens: int, repeat: int) ->
     }
 
 
-def _compare(rows: list[dict[str, Any]]) -> None:
-    """Speed ratios to transformers at the same length, and how many leading generated tokens agree."""
+def _compare(rows: list[dict[str, Any]], formats: list[str], configs: list[NamedConfig]) -> None:
+    """Speed ratios to transformers and to llama.cpp at the same length, and how many leading greedy
+    tokens agree with transformers and with our float32 engine under the same config."""
     for row in rows:
-        peer = next((r for r in rows if r["engine"] == TRANSFORMERS and r["length"] == row["length"]), None)
+        at = [r for r in rows if r["length"] == row["length"]]
+        peer = next((r for r in at if r["engine"] == TRANSFORMERS), None)
+        cpp = next((r for r in at if r["engine"].startswith(LLAMA_CPP)), None)
         row["prefill_vs_transformers"] = ratio(row["prefill_tok_s"], peer and peer["prefill_tok_s"])
         row["decode_vs_transformers"] = ratio(row["decode_tok_s"], peer and peer["decode_tok_s"])
+        row["prefill_vs_llamacpp"] = ratio(row["prefill_tok_s"], cpp and cpp["prefill_tok_s"])
+        row["decode_vs_llamacpp"] = ratio(row["decode_tok_s"], cpp and cpp["decode_tok_s"])
         row["agrees_with_transformers"] = (
             None if peer is None else _common_prefix(row["tokens"], peer["tokens"])
         )
+        base = next(
+            (
+                r for r in at for named in configs
+                if row["engine"].endswith(f" {named.label}") and r["engine"] == f"ours fp32 {named.label}"
+            ),
+            None,
+        )  # fmt: skip
+        row["agrees_with_float32"] = None if base is None else _common_prefix(row["tokens"], base["tokens"])
 
 
 def _common_prefix(first: list[int], second: list[int]) -> int:
@@ -303,36 +379,73 @@ def tables(report: dict[str, Any]) -> list[Table]:
         row = next((r for r in rows if (r["engine"], r["length"]) == (engine, length)), None)
         if row is None:
             return None
-        speed, versus = row[f"{key}_tok_s"], row[f"{key}_vs_transformers"]
-        return f"{speed:.0f}" if versus is None else f"{speed:.0f} (×{versus:.2f})"
+        ratios = [
+            f"{name} {row[f'{key}_vs_{peer}']:.2f}"
+            for name, peer in (("×tf", "transformers"), ("×cpp", "llamacpp"))
+            if row.get(f"{key}_vs_{peer}") is not None
+        ]
+        speed = row[f"{key}_tok_s"]
+        return f"{speed:.0f}" + (f" ({', '.join(ratios)})" if ratios else "")
 
     columns = ["engine", *[f"L={length}" for length in lengths]]
     where = f"{settings['model']}, {report['machine']['cores']} cores"
     speed_tables = [
         Table(
-            f"{name} tokens/s by prompt length ({where}; ×: ratio to {TRANSFORMERS})",
+            f"{name} tokens/s by prompt length ({where}; ×tf: ratio to {TRANSFORMERS}, ×cpp: to llama.cpp)",
             columns,
             [[engine] + [cell(engine, length, key) for length in lengths] for engine in engines],
         )
         for name, key in (("Prefill", "prefill"), ("Decode", "decode"))
     ]
-    detail = Table(
-        f"Per run: time, memory added, and agreement with {TRANSFORMERS} "
-        f"({settings['decode_tokens']} greedy tokens)",
-        ["engine", "L", "prefill s", "decode s", "prefill run MiB", "tokens equal to transformers'"],
+    result = list(speed_tables)
+    if report.get("weights"):
+        result.append(_weights_table(report))
+    result.append(
+        Table(
+            f"Per run: time, memory added, and agreement with {TRANSFORMERS} "
+            f"({settings['decode_tokens']} greedy tokens)",
+            ["engine", "L", "prefill s", "decode s", "prefill run MiB", "tokens equal to transformers'"],
+            [
+                [
+                    row["engine"],
+                    row["length"],
+                    row["prefill_seconds"],
+                    row["decode_seconds"],
+                    row["prefill_added_bytes"] / MIB,
+                    row["agrees_with_transformers"],
+                ]
+                for row in rows
+            ],
+        )
+    )
+    return result
+
+
+def _weights_table(report: dict[str, Any]) -> Table:
+    settings, rows = report["settings"], report["rows"]
+    first = min(settings["lengths"])
+
+    def agreement(form: str) -> str | None:
+        engine = f"ours {FORMATS[form][2]} full"
+        row = next((r for r in rows if r["length"] == first and r["engine"] == engine), None)
+        return None if row is None else f"{row['agrees_with_float32']}/{settings['decode_tokens']}"
+
+    return Table(
+        f"Weight formats: bytes, resident memory, and logits against float32 ({ACCURACY_PROMPTS} prompts of "
+        f"{ACCURACY_TOKENS} tokens; greedy tokens equal to float32's at L={first}, full attention)",
+        ["format", "weights MiB", "resident MiB", "max |Δlogit|", "mean |Δlogit|", "greedy tokens equal"],
         [
             [
-                row["engine"],
-                row["length"],
-                row["prefill_seconds"],
-                row["decode_seconds"],
-                row["prefill_added_bytes"] / MIB,
-                row["agrees_with_transformers"],
+                FORMATS[w["format"]][2],
+                w["weights_bytes"] / MIB,
+                w["resident_bytes"] / MIB,
+                w["max_logit_error"],
+                w["mean_logit_error"],
+                agreement(w["format"]),
             ]
-            for row in rows
+            for w in report["weights"]
         ],
     )
-    return [*speed_tables, detail]
 
 
 def draw(pyplot, report: dict[str, Any]):

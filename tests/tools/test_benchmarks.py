@@ -385,6 +385,38 @@ def test_bench_generate_against_transformers_and_llama_cpp(tiny_gguf, tmp_path: 
     assert all(r["agrees_with_transformers"] == 3 for r in exact)  # same weights, same math, greedy
 
 
+def test_bench_generate_measures_every_weight_format(tiny_gguf, tmp_path: Path, capsys) -> None:
+    gguf = tiny_gguf().path
+    model = convert(gguf, tmp_path / "model", progress=False)
+    json_path, png = _outputs(tmp_path, "formats")
+    argv = ["--model", str(model), "--gguf", str(gguf), "--lengths", "32", "--decode-tokens", "3"]
+    argv += [
+        "--configs",
+        "full",
+        "--engines",
+        "ours,transformers",
+        "--weight-dtypes",
+        "float32,int8,int4,gguf",
+    ]
+    assert bench_generate.main([*argv, "--json", str(json_path), "--plot", str(png)]) == 0
+    assert "Weight formats: bytes, resident memory" in capsys.readouterr().out
+    report = json.loads(json_path.read_text())
+    weights = {w["format"]: w for w in report["weights"]}
+    assert list(weights) == ["float32", "int8", "int4", "gguf"]
+    assert weights["float32"]["max_logit_error"] == 0.0
+    assert (
+        weights["int4"]["weights_bytes"]
+        < weights["int8"]["weights_bytes"]
+        < 0.5 * weights["float32"]["weights_bytes"]
+    )
+    rows = {row["engine"]: row for row in report["rows"]}
+    assert (
+        rows["ours fp32 full"]["agrees_with_float32"] == 3
+        and rows["ours fp32 full"]["agrees_with_transformers"] == 3
+    )
+    assert all(0 <= row["agrees_with_float32"] <= 3 for name, row in rows.items() if name.startswith("ours"))
+
+
 def test_bench_generate_skips_missing_peers_with_a_note(monkeypatch, tiny_checkpoint: Path, capsys) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
