@@ -270,11 +270,12 @@ def test_cuda_without_a_gpu_is_one_clear_line(tiny, capsys):
     assert err[-1].startswith("error: device 'cuda': ") and err[-1].endswith("use --device cpu")
 
 
-def test_a_gguf_file_is_pointed_at_the_converter(tmp_path, capsys):
+def test_a_broken_gguf_file_is_one_clear_line(tmp_path, capsys):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     assert main(["-m", str(gguf), "-p", "hi"]) == 2
-    assert f"python -m tools.convert_gguf {gguf} DIR" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot read {gguf} as a GGUF file") and "Traceback" not in "".join(err)
 
 
 def test_plugins_load_from_a_file_and_name_a_missing_dependency(tiny, tmp_path, capsys):
@@ -378,7 +379,8 @@ def test_the_docs_say_what_the_commands_do():
 
     readme = (Path(REPO) / "README.md").read_text(encoding="utf-8")
     figure = FLOAT16_SPEEDUP.split(",")[0]  # "1.5-2.7x faster CPU decode"
-    assert FLOAT16_SPEEDUP in readme and figure in load.__doc__ and figure in load_model.__doc__
+    docs = [" ".join(function.__doc__.split()) for function in (load, load_model)]
+    assert FLOAT16_SPEEDUP in readme and all(figure in doc for doc in docs)
     assert f"| `--plugin MODULE` | {PLUGIN_HELP} |" in readme
     assert "default: `imdc` when `--policy` is given, else `full`" in readme
     assert "--predict` (a negative number, the default, generates until the end-of-sequence token)" in readme
