@@ -168,8 +168,7 @@ RUNS = (
         "CPU",
         _command(
             "eval_longctx",
-            "--tasks core --lengths 4096,8192,16384 --samples 3 "
-            "--configs reform:imdc:h2o:1024,reform:imdc:h2o:256,imdc:h2o:256,imdc:snapkv:256",
+            "--tasks core --lengths 4096,8192,16384 --samples 3 --configs reform:imdc:h2o:1024",
             "reform_longctx",
         ),
     ),
