@@ -41,9 +41,12 @@ class SdpaBackend(ReferenceBackend):
         if window is not None:
             k, v = k[:, :, -window:], v[:, :, -window:]
         batch, q_heads, _, dim = q.shape
-        grouped = q.reshape(batch, k.shape[1], q_heads // k.shape[1], dim)
-        scores = (grouped @ k.transpose(-1, -2)).float() * _default_scale(q, scale)
-        result = (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(batch, q_heads, 1, dim)
+        kv_heads = k.shape[1]
+        # [B*Hkv, ...] batches: a view even of the memory's strided slices, where 4-d matmul copies.
+        grouped = q.reshape(batch * kv_heads, q_heads // kv_heads, dim)
+        keys, values = k.flatten(0, 1), v.flatten(0, 1)
+        scores = torch.bmm(grouped, keys.transpose(1, 2)).float() * _default_scale(q, scale)
+        result = torch.bmm(scores.softmax(dim=-1).to(v.dtype), values).reshape(batch, q_heads, 1, dim)
         return AttentionOutput(_write(result, out), None)
 
 

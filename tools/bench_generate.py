@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from engine.cli import run_main
 from engine.generate import GREEDY
 from engine.llm import LLM, load
 from engine.peak_memory import current_bytes, release_freed_memory
+from engine.prefill import PrefillConfig
 from models.quantized import nbytes
 from tools.eval_ppl import corpus_samples
 from tools.measure import Stopwatch, Timing, repeated
@@ -233,7 +235,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     del reference
     report = start_report(TOOL, argv, "cpu", settings)
     report["notes"] += notes
-    rows, weights = [], []
+    rows, weights, profiles = [], [], []
     total = (len(formats) * len(configs) + len(runs) - len(formats)) * len(lengths)
     with tqdm(total=total, desc=TOOL, unit="run") as bar:
         for form, peer in runs:
@@ -247,9 +249,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 for length in lengths:
                     rows.append(_measure(engine, prompt[:length], args.decode_tokens, args.repeat))
                     bar.update()
+            if peer is None:
+                profile = _decode_profile(llm, prompt[: min(lengths)], args.decode_tokens)
+                profiles.append({"format": form, **profile})
             engines = llm = None  # release this format before loading the next
     _compare(rows, formats, configs)
-    report["rows"], report["weights"] = rows, weights
+    report["rows"], report["weights"], report["profiles"] = rows, weights, profiles
     beyond = [length for length in lengths if length > settings["window"]]
     if beyond:
         report["notes"].append(
@@ -280,6 +285,46 @@ def _ours(llm: LLM, form: str, named: NamedConfig, args: argparse.Namespace) -> 
     if named.bounded:
         named = with_options(named, decode_memory=args.decode_memory or named.config.memory)
     return OurEngine(f"ours {FORMATS[form][2]} {named.label}", llm, named)
+
+
+def _decode_profile(llm: LLM, ids: list[int], count: int) -> dict[str, float]:
+    """Where a full-attention decode step's time goes: in the weights' products (every projection and
+    the output head), in attention, and everything else (norms, RoPE, the memory, Python)."""
+    spent = {"weights": 0.0, "attention": 0.0}
+
+    def timed(function, key):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - started
+
+        return wrapper
+
+    layers = [module for module in llm.model.modules() if hasattr(module, "parts")]
+    originals = [(module, module.forward) for module in layers]
+    config = PrefillConfig()
+    backend = llm.attention_setup(config.build_policy()).backend
+    decode = backend.decode
+    result = llm.prefill(ids)
+    try:
+        for module, forward in originals:
+            module.forward = timed(forward, "weights")
+        backend.decode = timed(decode, "attention")
+        started = time.perf_counter()
+        llm.complete(result, ids, sampling=GREEDY, max_tokens=count, ignore_eos=True)
+        total = time.perf_counter() - started
+    finally:
+        for module, forward in originals:
+            module.forward = forward
+        backend.decode = decode
+    per_token = {key: 1000 * value / count for key, value in spent.items()}
+    return {
+        "ms_per_token": 1000 * total / count,
+        **per_token,
+        "other": 1000 * total / count - sum(per_token.values()),
+    }
 
 
 def _accuracy(llm: LLM, probes: list[list[int]], reference: list[torch.Tensor]) -> dict[str, float]:
@@ -400,6 +445,18 @@ def tables(report: dict[str, Any]) -> list[Table]:
     result = list(speed_tables)
     if report.get("weights"):
         result.append(_weights_table(report))
+    if report.get("profiles"):
+        result.append(
+            Table(
+                f"Where a decode step's time goes (ms per token, full attention after {min(lengths)} "
+                "prompt tokens)",
+                ["format", "step", "weight products", "attention", "everything else"],
+                [
+                    [FORMATS[p["format"]][2], p["ms_per_token"], p["weights"], p["attention"], p["other"]]
+                    for p in report["profiles"]
+                ],
+            )
+        )
     result.append(
         Table(
             f"Per run: time, memory added, and agreement with {TRANSFORMERS} "

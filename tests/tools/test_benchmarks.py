@@ -415,6 +415,13 @@ def test_bench_generate_measures_every_weight_format(tiny_gguf, tmp_path: Path, 
         and rows["ours fp32 full"]["agrees_with_transformers"] == 3
     )
     assert all(0 <= row["agrees_with_float32"] <= 3 for name, row in rows.items() if name.startswith("ours"))
+    for profile in report["profiles"]:  # the parts of a decode step add up to the step
+        parts = profile["weights"] + profile["attention"] + profile["other"]
+        assert (
+            profile["weights"] > 0
+            and profile["attention"] > 0
+            and parts == pytest.approx(profile["ms_per_token"])
+        )
 
 
 def test_bench_generate_skips_missing_peers_with_a_note(monkeypatch, tiny_checkpoint: Path, capsys) -> None:
