@@ -208,6 +208,52 @@ SMOKE_NOTE = (
 )
 
 
+# A run measured alone, compared with configs of another run on the cases both measured.
+BESIDE = {
+    "reform_longctx.json": ("longctx.json", ("full", "imdc:h2o:1024:1024", "imdc:snapkv:1024:1024")),
+    "reform_multiturn.json": (
+        "longctx_multiturn.json",
+        ("full", "imdc:h2o:1024:1024", "imdc:snapkv:1024:1024"),
+    ),
+}
+
+
+def _beside(name: str, reports: dict[str, dict[str, Any]]) -> list[Table]:
+    """The comparison ``BESIDE`` names for the report ``name``, when both reports exist."""
+    if name not in BESIDE or name not in reports or BESIDE[name][0] not in reports:
+        return []
+    from tools.eval_longctx import _accuracy
+
+    report, (other_name, configs) = reports[name], BESIDE[name]
+
+    def key(record: dict[str, Any]) -> tuple[Any, ...]:
+        return record["task"], record["length"], record["sample"], record["turn"], tuple(record["expected"])
+
+    cases = {key(record) for record in report["records"]}
+    theirs = [r for r in reports[other_name]["records"] if r["config"] in configs and key(r) in cases]
+    records = report["records"] + theirs
+    lengths = report["settings"]["lengths"]
+    labels = [*report["settings"]["configs"], *configs]
+
+    def accuracy(config: str, **match: object) -> float | None:
+        chosen = [r for r in records if r["config"] == config and all(r[k] == v for k, v in match.items())]
+        return _accuracy(chosen)
+
+    turns = report["settings"]["turns"]
+    columns = [f"question {turn + 1}" for turn in range(turns)] if turns > 1 else [f"L={n}" for n in lengths]
+    matches = [{"turn": turn} for turn in range(turns)] if turns > 1 else [{"length": n} for n in lengths]
+    return [
+        Table(
+            f"{', '.join(report['settings']['configs'])} beside {other_name}'s configs on the same cases "
+            "(accuracy %, mean over tasks)",
+            ["config", *columns, "all"],
+            [[label, *[accuracy(label, **match) for match in matches], accuracy(label)] for label in labels],
+            notes=(f"The other configs' answers come from {other_name}: the same generated cases (task, "
+                   "length, sample and expected answers matched), measured in another run.",),
+        )
+    ]  # fmt: skip
+
+
 def render_results(docs: Path) -> str:
     reports = _reports(docs)
     known = {run.json_name for run in RUNS}
@@ -223,6 +269,7 @@ def render_results(docs: Path) -> str:
             parts.append(f"Not measured yet: run `{run.command}` on a {run.where} machine.")
             continue
         parts.append(_section(report, docs, smoke=not run.made(report)))
+        parts += [table.markdown() for table in _beside(run.json_name, reports)]
     for name, report in reports.items():
         if name not in known:
             parts += [f"## {report['tool']} ({name})", _section(report, docs, smoke=False)]
@@ -262,7 +309,8 @@ def readme_block(docs: Path) -> str:
         if report is None or not full_runs[name].made(report):
             continue
         tables = _tables(report)
-        parts += [tables[index].markdown() for index in shown]
+        beside = _beside(name, reports)
+        parts += [table.markdown() for table in beside] or [tables[index].markdown() for index in shown]
         parts.append(
             f"<sub>{describe_machine(report['machine'])}, {report['date'][:10]}: `{report['command']}`</sub>"
         )
