@@ -67,6 +67,7 @@ class MemoryAttention:
         self.memory = memory
         self.cancel = cancel
         self.tap = tap
+        self._original_positions: torch.Tensor | None = None
         self._angle_cache: dict[tuple[int | None, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.setup = setup
         self.budget = budget
@@ -84,9 +85,7 @@ class MemoryAttention:
         new = q.shape[2] - self.observers
         if self.tap is not None:
             self.tap(layer, q[:, :, :new], k[:, :, :new], v[:, :, :new], self.start)
-        original = torch.arange(self.start, self.start + new, device=q.device)
-        if self.observers:
-            original = torch.cat((original, self.observer_positions.to(q.device)))
+        original = self._original(new, q.device)
         cos, sin = self._angles(layer_memory.length, q.shape[2], original, q.dtype)
         q = Rope.apply(q, cos, sin)
         layer_memory.append(k, Rope.apply(k, cos, sin), v, original)
@@ -95,6 +94,15 @@ class MemoryAttention:
         result = attend(q, keys, values, window=setup.window)
         self._compress(layer, layer_memory, q, keys, result.lse, new)
         return result.out
+
+    def _original(self, new: int, device: torch.device) -> torch.Tensor:
+        """The original positions of this step's rows (the same for every layer: made once)."""
+        if self._original_positions is None:
+            original = torch.arange(self.start, self.start + new, device=device)
+            if self.observers:
+                original = torch.cat((original, self.observer_positions.to(device)))
+            self._original_positions = original
+        return self._original_positions
 
     def _angles(
         self, length: int, count: int, original: torch.Tensor, dtype: torch.dtype
