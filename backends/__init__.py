@@ -6,6 +6,10 @@ Shapes (all backends):
 Query head h reads KV head h // (Hq // Hkv).
 Masking: query i sits at key index i + (Lk - Lq) (the causal diagonal is aligned bottom-right), sees
 key j when j <= i + (Lk - Lq), and with a sliding ``window`` W only when i + (Lk - Lq) - j < W.
+
+``bias`` [B, Hkv, Lk] (optional) is added to every scaled score of its key: an entry standing for n
+merged tokens carries log n. KV heads of different lengths come as ``Segments`` in place of k (v is
+then None): each (batch, KV head) its own Lk, the masking above taken per head.
 """
 
 from __future__ import annotations
@@ -25,11 +29,35 @@ class AttentionOutput(NamedTuple):
     lse: torch.Tensor | None  # [B, Hq, Lq] float32, natural-log sum of exp(scaled scores) over visible keys
 
 
+@dataclass
+class Segments:
+    """Keys and values of KV heads holding different numbers of entries, in flat buffers: segment
+    s = b * Hkv + h holds ``lengths[s]`` entries from ``offsets[s]``."""
+
+    keys: torch.Tensor  # [C, D], rotated
+    values: torch.Tensor  # [C, D]
+    offsets: list[int]
+    lengths: list[int]
+    shape: tuple[int, int]  # (B, Hkv)
+    bias: torch.Tensor | None = None  # [C]
+
+    def __getitem__(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Segment ``s``: keys [n, D], values [n, D], bias [n] or None."""
+        rows = slice(self.offsets[s], self.offsets[s] + self.lengths[s])
+        return self.keys[rows], self.values[rows], None if self.bias is None else self.bias[rows]
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths, default=0)
+
+
 class KeyStats(NamedTuple):
     mass: (
         torch.Tensor
     )  # [B, Hkv, Lk] float32: softmax probability summed over scored queries and the group's heads
-    count: torch.Tensor  # [Lk] int64: how many scored queries can see each key
+    count: (
+        torch.Tensor
+    )  # [Lk] int64 ([B, Hkv, Lk] for Segments, left-padded): scored queries that see each key
 
 
 @dataclass(frozen=True)
@@ -42,12 +70,17 @@ class AttentionSpec:
     device: str  # "cpu", "cuda", ...
     window: int | None = None
     stats: bool = False  # whether ``scores`` will be called
+    segments: bool = False  # KV heads of different lengths (``Segments``)
+    bias: bool = False  # per-entry logit biases
 
     def describe(self) -> str:
         window = f", window {self.window}" if self.window else ""
         stats = ", with statistics" if self.stats else ""
+        segments = ", heads of different lengths" if self.segments else ""
+        bias = ", biased entries" if self.bias else ""
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"head dim {self.head_dim}, GQA group {self.group}, {dtype} on {self.device}{window}{stats}"
+        features = f"{window}{stats}{segments}{bias}"
+        return f"head dim {self.head_dim}, GQA group {self.group}, {dtype} on {self.device}{features}"
 
 
 class Backend:
@@ -56,6 +89,13 @@ class Backend:
     name = "abstract"
 
     def supports(self, spec: AttentionSpec) -> bool:
+        return self.lacks(spec) is None
+
+    def lacks(self, spec: AttentionSpec) -> str | None:
+        """Why this backend cannot serve ``spec``, in words; None when it can. (A backend written
+        before this existed may override ``supports`` alone.)"""
+        if type(self).supports is not Backend.supports:
+            return None if self.supports(spec) else "not supported"
         raise NotImplementedError
 
     def prefill(
@@ -67,6 +107,7 @@ class Backend:
         scale: float | None = None,
         window: int | None = None,
         out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> AttentionOutput:
         """Causal attention of a chunk's queries against memory + chunk keys, with the per-row LSE."""
         raise NotImplementedError
@@ -81,6 +122,7 @@ class Backend:
         scale: float | None = None,
         window: int | None = None,
         out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> KeyStats:
         """Per-key attention mass from the last ``last`` queries (all when None), per KV head.
 
@@ -97,6 +139,7 @@ class Backend:
         scale: float | None = None,
         window: int | None = None,
         out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> AttentionOutput:
         """One query row per sequence ([B, Hq, 1, D]) against the whole cache."""
         raise NotImplementedError
@@ -135,9 +178,10 @@ def resolve(name: str, spec: AttentionSpec) -> Backend:
                 return backend
         return get("reference")
     backend = get(name)
-    if backend.supports(spec):
+    reason = backend.lacks(spec)
+    if reason is None:
         return backend
-    notice(f"backend {name!r} does not support {spec.describe()}; using 'reference'")
+    notice(f"backend {name!r} cannot run {spec.describe()} ({reason}); using 'reference'")
     return get("reference")
 
 

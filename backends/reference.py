@@ -1,14 +1,15 @@
 """The reference backend: plain PyTorch in float32, the oracle every other backend is tested against.
 
 It is written to be obviously right, not fast: scores are materialised, one tile of query rows at a
-time so that memory stays bounded by ``ROW_TILE x Lk`` per head.
+time so that memory stays bounded by ``ROW_TILE x Lk`` per head. KV heads of different lengths
+(``Segments``) are attended one head at a time, each with its own causal alignment.
 """
 
 from __future__ import annotations
 
 import torch
 
-from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, register
+from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, Segments, register
 
 ROW_TILE = 512
 
@@ -24,13 +25,15 @@ def visible(lq: int, lk: int, window: int | None, device: torch.device | str = "
 
 
 def _grouped_scores(
-    q: torch.Tensor, k: torch.Tensor, rows: slice, scale: float, window: int | None
+    q: torch.Tensor, k: torch.Tensor, rows: slice, scale: float, window: int | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Masked, scaled float32 scores [B, Hkv, G, rows, Lk] for query rows ``rows``."""
+    """Masked, scaled, biased float32 scores [B, Hkv, G, rows, Lk] for query rows ``rows``."""
     batch, q_heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     grouped = q[:, :, rows].float().reshape(batch, kv_heads, q_heads // kv_heads, -1, dim)
     scores = grouped @ k.float()[:, :, None].transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias.float()[:, :, None, None, :]
     mask = visible(lq, lk, window, q.device)[rows]
     return scores.masked_fill(~mask, float("-inf"))
 
@@ -51,13 +54,38 @@ def _write(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def per_segment(q: torch.Tensor, segments: Segments, attend) -> list:
+    """``attend(q_group [1, G, Lq, D], k [1, 1, n, D], v [1, 1, n, D], bias [1, 1, n] | None)`` for
+    each segment, in order: the queries of its KV head's group against its own entries."""
+    batch, kv_heads = segments.shape
+    group = q.shape[1] // kv_heads
+    results = []
+    for s in range(batch * kv_heads):
+        b, h = divmod(s, kv_heads)
+        keys, values, bias = segments[s]
+        results.append(
+            attend(
+                q[b : b + 1, h * group : (h + 1) * group], keys[None, None], values[None, None],
+                None if bias is None else bias[None, None],
+            )
+        )  # fmt: skip
+    return results
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def supports(self, spec: AttentionSpec) -> bool:
-        return True
+    def lacks(self, spec: AttentionSpec) -> str | None:
+        return None
 
-    def prefill(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+    def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+        if isinstance(k, Segments):
+            parts = per_segment(
+                q, k, lambda qs, ks, vs, bs: self.prefill(qs, ks, vs, scale=scale, window=window, bias=bs)
+            )
+            result = torch.cat([part.out for part in parts], dim=1).reshape(q.shape)
+            lse = torch.cat([part.lse for part in parts], dim=1).reshape(q.shape[:3])
+            return AttentionOutput(_write(result, out), lse)
         batch, q_heads, lq, dim = q.shape
         kv_heads = k.shape[1]
         scale = _default_scale(q, scale)
@@ -68,13 +96,15 @@ class ReferenceBackend(Backend):
         values = v.float()[:, :, None]
         for start in range(0, lq, ROW_TILE):
             rows = slice(start, min(lq, start + ROW_TILE))
-            scores = _grouped_scores(q, k, rows, scale, window)
+            scores = _grouped_scores(q, k, rows, scale, window, bias)
             lse[..., rows] = torch.logsumexp(scores, dim=-1)
             result[..., rows, :] = _probabilities(scores, lse[..., rows]) @ values
         result = result.reshape(batch, q_heads, lq, dim).to(q.dtype)
         return AttentionOutput(_write(result, out), lse.reshape(batch, q_heads, lq))
 
-    def scores(self, q, k, *, lse=None, last=None, scale=None, window=None, out=None) -> KeyStats:
+    def scores(self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None) -> KeyStats:
+        if isinstance(k, Segments):
+            return self._segment_scores(q, k, lse, last, scale, window)
         batch, q_heads, lq, _ = q.shape
         kv_heads, lk = k.shape[1], k.shape[2]
         scale = _default_scale(q, scale)
@@ -83,14 +113,34 @@ class ReferenceBackend(Backend):
         grouped_lse = None if lse is None else lse.float().reshape(batch, kv_heads, q_heads // kv_heads, lq)
         for start in range(first, lq, ROW_TILE):
             rows = slice(start, min(lq, start + ROW_TILE))
-            scores = _grouped_scores(q, k, rows, scale, window)
+            scores = _grouped_scores(q, k, rows, scale, window, bias)
             row_lse = torch.logsumexp(scores, dim=-1) if grouped_lse is None else grouped_lse[..., rows]
             mass += _probabilities(scores, row_lse).sum(dim=(2, 3))
         count = visible(lq, lk, window, q.device)[first:].sum(dim=0)
         return KeyStats(_write(mass, out), count)
 
-    def decode(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
-        return self.prefill(q, k, v, scale=scale, window=window, out=out)
+    def _segment_scores(self, q, segments: Segments, lse, last, scale, window) -> KeyStats:
+        """Each segment's statistics, left-padded to the longest (as policies see candidates)."""
+        batch, kv_heads = segments.shape
+        group, longest = q.shape[1] // kv_heads, segments.longest
+        mass = torch.zeros(batch, kv_heads, longest, dtype=torch.float32, device=q.device)
+        count = torch.zeros(batch, kv_heads, longest, dtype=torch.long, device=q.device)
+        for s in range(batch * kv_heads):
+            b, h = divmod(s, kv_heads)
+            heads = slice(h * group, (h + 1) * group)
+            keys, _, bias = segments[s]
+            stats = self.scores(
+                q[b : b + 1, heads], keys[None, None], last=last, scale=scale, window=window,
+                lse=None if lse is None else lse[b : b + 1, heads],
+                bias=None if bias is None else bias[None, None],
+            )  # fmt: skip
+            n = segments.lengths[s]
+            mass[b, h, longest - n :] = stats.mass[0, 0]
+            count[b, h, longest - n :] = stats.count
+        return KeyStats(mass, count)
+
+    def decode(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+        return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)
 
 
 register("reference")(ReferenceBackend)

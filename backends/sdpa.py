@@ -10,19 +10,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backends import AttentionOutput, AttentionSpec, register
-from backends.reference import ReferenceBackend, _default_scale, _write, visible
+from backends import AttentionOutput, AttentionSpec, Segments, register
+from backends.reference import ReferenceBackend, _default_scale, _write, per_segment, visible
 
 
 class SdpaBackend(ReferenceBackend):
     name = "sdpa"
 
-    def supports(self, spec: AttentionSpec) -> bool:
-        return True
+    def lacks(self, spec: AttentionSpec) -> str | None:
+        return None
 
-    def prefill(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+    def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+        if isinstance(k, Segments):
+            parts = per_segment(
+                q, k, lambda qs, ks, vs, bs: self.prefill(qs, ks, vs, scale=scale, window=window, bias=bs)
+            )
+            return AttentionOutput(
+                _write(torch.cat([p.out for p in parts], dim=1).reshape(q.shape), out), None
+            )
         lq, lk = q.shape[2], k.shape[2]
-        if window is None and lq == lk:
+        if bias is not None:
+            # A float mask adds to the scores: the bias, and -inf where a key is not visible.
+            mask = (
+                bias[:, :, None, None, :]
+                .to(q.dtype)
+                .masked_fill(~visible(lq, lk, window, q.device), float("-inf"))
+            )
+            mask = mask.repeat_interleave(q.shape[1] // k.shape[1], dim=1).flatten(1, 2)
+            causal = False
+        elif window is None and lq == lk:
             mask, causal = None, True
         elif window is None and lq == 1:
             mask, causal = None, False
@@ -33,9 +49,9 @@ class SdpaBackend(ReferenceBackend):
         )
         return AttentionOutput(_write(result, out), None)
 
-    def decode(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
-        if q.dtype != torch.bfloat16:
-            return self.prefill(q, k, v, scale=scale, window=window, out=out)
+    def decode(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+        if isinstance(k, Segments) or bias is not None or q.dtype != torch.bfloat16:
+            return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)
         # One bfloat16 row: the fused kernel is slow there (25x at 8k keys); two grouped products in
         # bfloat16 with a float32 softmax are faster than even float32 SDPA.
         if window is not None:

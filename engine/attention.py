@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from backends import Backend, KeyStats
+from backends import Backend, KeyStats, Segments
 from engine.cache import KVMemory, LayerMemory
 from models.rope import Rope
-from policies import Candidates, Policy, PolicyError
+from policies import Candidates, Policy, PolicyError, Selection
 
 POSITION_MODES = ("compact", "original")
 
@@ -86,14 +86,44 @@ class MemoryAttention:
         if self.tap is not None:
             self.tap(layer, q[:, :, :new], k[:, :, :new], v[:, :, :new], self.start)
         original = self._original(new, q.device)
-        cos, sin = self._angles(layer_memory.length, q.shape[2], original, q.dtype)
-        q = Rope.apply(q, cos, sin)
-        layer_memory.append(k, Rope.apply(k, cos, sin), v, original)
-        keys, values = layer_memory.rotated, layer_memory.values
+        if layer_memory.uniform:
+            cos, sin = self._angles(layer_memory.length, q.shape[2], original, q.dtype)
+            q = Rope.apply(q, cos, sin)
+            layer_memory.append(k, Rope.apply(k, cos, sin), v, original)
+            keys, values, bias = layer_memory.rotated, layer_memory.values, layer_memory.bias
+        else:
+            q, rotated = self._rotate_segments(layer_memory, q, k, original)
+            layer_memory.append(k, rotated, v, original)
+            keys, values, bias = self._segments(layer_memory), None, None
         attend = setup.backend.decode if q.shape[2] == 1 else setup.backend.prefill
-        result = attend(q, keys, values, window=setup.window)
-        self._compress(layer, layer_memory, q, keys, result.lse, new)
+        result = attend(q, keys, values, window=setup.window, bias=bias)
+        self._compress(layer, layer_memory, q, keys, result.lse, new, bias)
         return result.out
+
+    def _rotate_segments(
+        self, memory: LayerMemory, q: torch.Tensor, k: torch.Tensor, original: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated for KV heads of different lengths: in compact positions each head's new
+        rows continue from its own length (and the query heads of its group with them)."""
+        rope = self.setup.rope
+        if self.setup.positions != "compact":
+            cos, sin = self._angles(0, q.shape[2], original, q.dtype)
+            return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+        lengths = memory.lengths_tensor()
+        positions = lengths[..., None] + torch.arange(q.shape[2], device=q.device)
+        cos, sin = rope.at(positions, q.dtype)  # [B, Hkv, n, D]
+        batch, q_heads, count, dim = q.shape
+        grouped = q.view(batch, k.shape[1], q_heads // k.shape[1], count, dim)
+        rotated_q = Rope.apply(grouped, cos[:, :, None], sin[:, :, None]).view(q.shape)
+        return rotated_q, Rope.apply(k, cos, sin)
+
+    @staticmethod
+    def _segments(memory: LayerMemory) -> Segments:
+        bias = None if memory.bias_flat is None else memory.flat("bias")
+        return Segments(
+            memory.flat("rotated"), memory.flat("values"), list(memory.offsets), list(memory.lengths),
+            memory.shape, bias,
+        )  # fmt: skip
 
     def _original(self, new: int, device: torch.device) -> torch.Tensor:
         """The original positions of this step's rows (the same for every layer: made once)."""
@@ -126,47 +156,170 @@ class MemoryAttention:
         layer: int,
         memory: LayerMemory,
         q: torch.Tensor,
-        keys: torch.Tensor,
+        keys: torch.Tensor | Segments,
         lse: torch.Tensor | None,
         new: int,
+        bias: torch.Tensor | None,
     ) -> None:
         policy = self.setup.policy
-        kept = memory.length - self.observers
         sinks = min(self.memory.sinks, self.start + new)
-        size = kept - sinks
+        kept = [length - self.observers for length in memory.lengths]
+        sizes = [count - sinks for count in kept]
         budget = (
             None if self.budget is None else policy.layer_budget(self.budget, layer, self.setup.num_layers)
         )
-        compress = budget is not None and size > budget
+        compress = budget is not None and max(sizes) > budget
         observed = compress or (policy.needs.every_step and self.budget is not None)
         stats = None
         if policy.needs.queries is not None and observed:
             last = self.query_rows if self.query_rows is not None else policy.needs.last
-            mass, count = self.setup.backend.scores(q, keys, lse=lse, last=last, window=self.setup.window)
-            stats = KeyStats(mass[..., sinks:kept], count[sinks:kept])
+            stats = self.setup.backend.scores(
+                q, keys, lse=lse, last=last, window=self.setup.window, bias=bias
+            )
         memory.truncate(kept)
         if not observed:
             return
-        candidates = Candidates(
-            layer=layer,
-            num_layers=self.setup.num_layers,
-            step=self.step,
-            keys=memory.keys[:, :, sinks:],
-            values=memory.values[:, :, sinks:],
+        if memory.uniform and not (policy.head_wise or policy.merges):
+            self._select_uniform(layer, memory, stats, sinks, kept[0], new, compress, budget)
+        else:
+            self._select_segments(layer, memory, stats, sinks, kept, new, compress, budget)
+
+    def _candidates(self, layer: int, new: int, **fields) -> Candidates:
+        return Candidates(layer=layer, num_layers=self.setup.num_layers, step=self.step, new=new, **fields)
+
+    def _select_uniform(
+        self, layer: int, memory: LayerMemory, stats: KeyStats | None, sinks: int, kept: int, new: int,
+        compress: bool, budget: int | None,
+    ) -> None:  # fmt: skip
+        """Every head holds the same entries' count and the policy keeps it so: plain tensors."""
+        policy, size = self.setup.policy, kept - sinks
+        candidates = self._candidates(
+            layer, min(new, size),
+            keys=memory.keys[:, :, sinks:], values=memory.values[:, :, sinks:],
             positions=memory.positions[:, :, sinks:],
-            new=min(new, size),
-            stats=stats,
+            stats=None if stats is None else KeyStats(stats.mass[..., sinks:kept], stats.count[sinks:kept]),
             state={name: memory.state(name)[:, :, sinks:] for name in policy.state},
-        )
+            bias=None if memory.bias is None else memory.bias[:, :, sinks:],
+        )  # fmt: skip
         policy.update(candidates)
         if not compress:
             return
         keep = _checked(policy.select(candidates, budget), budget, size, policy, candidates.keys.shape[:2])
+        if keep.dtype == torch.bool:  # a plugin's mask: keep by segments
+            self._keep_segments(
+                memory, [row.nonzero()[:, 0] for row in keep.reshape(memory.segments, -1)], sinks
+            )
+            return
         sink_index = torch.arange(sinks, device=keep.device).expand(*keep.shape[:2], sinks)
         memory.keep(torch.cat((sink_index, keep + sinks), dim=-1))
         if self.setup.positions == "compact":
-            renumbered = torch.arange(memory.length, device=keep.device)
-            memory.set_rotated(self.setup.rope.rotate(memory.keys, renumbered))
+            memory.set_rotated(self.setup.rope.rotate)
+
+    def _select_segments(
+        self, layer: int, memory: LayerMemory, stats: KeyStats | None, sinks: int, kept: list[int], new: int,
+        compress: bool, budget: int | None,
+    ) -> None:  # fmt: skip
+        """Heads of different lengths, or a policy that makes them: candidates padded on the left."""
+        policy = self.setup.policy
+        sizes = [count - sinks for count in kept]
+        width = max(sizes)
+        fields = {name: memory.window(name, sinks, kept)[0] for name in ("keys", "values", "positions")}
+        valid = memory.window("positions", sinks, kept)[1]
+        states = {name: memory.window(f"state.{name}", sinks, kept)[0] for name in policy.state}
+        if stats is not None:
+            mass, count = stats
+            if count.dim() == 1:  # uniform statistics: every head its full length
+                count = count.expand_as(mass)
+            stats = KeyStats(_last(mass[..., : mass.shape[-1] - self.observers], width),
+                             _last(count[..., : count.shape[-1] - self.observers], width))  # fmt: skip
+        candidates = self._candidates(
+            layer, min(new, width), stats=stats, state=states, valid=None if valid.all() else valid,
+            bias=None if memory.bias_flat is None else memory.window("bias", sinks, kept)[0], **fields,
+        )  # fmt: skip
+        policy.update(candidates)
+        for name, values in states.items():
+            memory.write_window(f"state.{name}", values, sinks, kept)
+        if not compress:
+            return
+        selection = policy.select(candidates, budget)
+        keep, into = _checked_selection(selection, candidates, budget, policy)
+        starts = [width - size for size in sizes]
+        if into is not None:
+            self._merge(memory, keep, into, valid, sinks, starts)
+        rows = [
+            (row.nonzero()[:, 0] - start)
+            for row, start in zip(keep.reshape(memory.segments, -1), starts, strict=True)
+        ]
+        self._keep_segments(memory, rows, sinks)
+
+    def _merge(self, memory, keep, into, valid, sinks, starts) -> None:
+        """Fold the dropped candidates that have a target into it (flat indices of the memory)."""
+        dropped = (~keep) & valid & (into >= 0)
+        if not dropped.any():
+            return
+        segments, columns = dropped.reshape(memory.segments, -1).nonzero(as_tuple=True)
+        targets_column = into.reshape(memory.segments, -1)[segments, columns]
+        offsets = torch.tensor(memory.offsets, device=keep.device)[segments] + sinks
+        shift = torch.tensor(starts, device=keep.device)[segments]
+        memory.merge(offsets + targets_column - shift, offsets + columns - shift)
+        if self.setup.positions != "compact":  # merged keys: rotated again at their own positions
+            flat_targets = (offsets + targets_column - shift).unique()
+            rotated = self.setup.rope.rotate(
+                memory.flat("keys")[flat_targets], memory.flat("positions")[flat_targets]
+            )
+            memory.flat("rotated")[flat_targets] = rotated
+
+    def _keep_segments(self, memory: LayerMemory, rows: list[torch.Tensor], sinks: int) -> None:
+        device = memory.flat("positions").device
+        sink_index = torch.arange(sinks, device=device)
+        memory.keep([torch.cat((sink_index, row + sinks)) for row in rows])
+        if self.setup.positions == "compact":
+            memory.set_rotated(self.setup.rope.rotate)
+
+
+def _last(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """The last ``width`` columns, left-padded with zeros when there are fewer."""
+    if tensor.shape[-1] >= width:
+        return tensor[..., tensor.shape[-1] - width :]
+    return torch.nn.functional.pad(tensor, (width - tensor.shape[-1], 0))
+
+
+def _checked_selection(
+    selection, candidates: Candidates, budget: int, policy: Policy
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A selection as a keep mask [B, Hkv, n] over real candidates and its merge targets, checked:
+    the heads' total within the layer's budget times the heads (a head may keep more than ``budget``
+    when others keep less), merge targets kept entries of the same head."""
+    name = type(policy).__name__
+    shape = tuple(candidates.keys.shape[:3])
+    into = None
+    if isinstance(selection, Selection):
+        selection, into = selection.keep, selection.into
+    if isinstance(selection, torch.Tensor) and selection.dtype != torch.bool:
+        index = _checked(selection, budget, shape[2], policy, shape[:2])
+        selection = torch.zeros(shape, dtype=torch.bool, device=index.device).scatter_(-1, index, True)
+    if (
+        not isinstance(selection, torch.Tensor)
+        or selection.dtype != torch.bool
+        or tuple(selection.shape) != shape
+    ):
+        raise PolicyError(
+            f"policy {name} returned a selection that is not indices or a bool mask of shape {shape}"
+        )
+    valid = candidates.valid if candidates.valid is not None else torch.ones_like(selection)
+    if (selection & ~valid).any():
+        raise PolicyError(f"policy {name} kept padding: a head's missing entries")
+    if (selection.sum(dim=(1, 2)) > budget * shape[1]).any():
+        raise PolicyError(f"policy {name} kept more than the layer's budget of {budget} per head on average")
+    if into is not None:
+        if into.shape != selection.shape or into.dtype not in (torch.int64, torch.int32):
+            raise PolicyError(f"policy {name} returned merge targets that are not int64 of shape {shape}")
+        folded = (into >= 0) & ~selection & valid
+        targets = into.clamp(0, shape[2] - 1)
+        if (folded & ~selection.gather(-1, targets)).any():
+            raise PolicyError(f"policy {name} folds entries into ones it does not keep")
+        into = into.long()
+    return selection, into
 
 
 def _checked(

@@ -1,127 +1,361 @@
-"""The KV memory: per layer and KV head, the sinks then the kept tokens, in original order.
+"""The KV memory: per layer and KV head, the sinks then the kept entries, in original order.
 
 Each entry carries its pre-RoPE key (so ``positions="compact"`` can renumber after a compression), the
 key rotated at the position attention currently gives it (so decode never re-rotates the cache), its
-value, its original position, and any per-token state a policy keeps (e.g. H2O's accumulated mass).
-Storage grows by doubling, so decode appends in amortised O(1).
+value, its original position, a logit bias (``log`` of how many tokens it stands for: 0 for a token,
+``log n`` for a merged or compensation entry), and any per-token state a policy keeps.
+
+Every (batch, KV head) pair is a *segment* with its own number of entries: head-wise budgets and head
+roles keep more in some heads than in others, and the memory holds only what is kept. Segments live
+in flat buffers (``[capacity, D]``), segment s at ``offsets[s]`` with room for ``room[s]`` entries.
+When every segment has the same length and room, packed in order, the buffers are also a
+``[B, Hkv, n, D]`` tensor: the uniform case (every built-in policy but the head-wise ones) keeps the
+plain rectangular layout and its speed. Room grows by doubling, so decode appends in amortised O(1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+
+KINDS = ("keys", "rotated", "values")
 
 
 class LayerMemory:
     def __init__(
         self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.length = 0
-        self._shape = (batch, kv_heads)
-        self._head_dim = head_dim
-        self._keys = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
-        self._rotated = torch.empty_like(self._keys)
-        self._values = torch.empty_like(self._keys)
-        self._positions = torch.empty(batch, kv_heads, 0, dtype=torch.long, device=device)
+        self.shape = (batch, kv_heads)
+        self.head_dim = head_dim
+        segments = batch * kv_heads
+        self.lengths = [0] * segments
+        self.room = [0] * segments
+        self.offsets = [0] * segments
+        self._vectors = {kind: torch.empty(0, head_dim, dtype=dtype, device=device) for kind in KINDS}
+        self._positions = torch.empty(0, dtype=torch.long, device=device)
+        self._bias: torch.Tensor | None = None  # allocated by the first entry that needs one
         self._state: dict[str, torch.Tensor] = {}
+
+    # ---- shape
+
+    @property
+    def segments(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def length(self) -> int:
+        """Entries of the longest segment (of every segment when uniform)."""
+        return max(self.lengths, default=0)
+
+    @property
+    def uniform(self) -> bool:
+        """Every segment holds as many entries as the others, in the rectangular layout."""
+        first = self.room[0] if self.room else 0
+        return (
+            len(set(self.lengths)) <= 1
+            and all(room == first for room in self.room)
+            and all(offset == index * first for index, offset in enumerate(self.offsets))
+        )
+
+    def lengths_tensor(self) -> torch.Tensor:
+        """Entries per segment [B, Hkv] (int64, on the memory's device)."""
+        return torch.tensor(self.lengths, device=self._positions.device).view(self.shape)
+
+    # ---- views
+
+    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
+        if not self.uniform:
+            raise RuntimeError(
+                "segments of different lengths have no [B, Hkv, n] view: read them by segment()"
+            )
+        return self._dense_room(flat)[:, :, : self.length]
 
     @property
     def keys(self) -> torch.Tensor:
-        """Pre-RoPE keys [B, Hkv, n, D]."""
-        return self._keys[:, :, : self.length]
+        """Pre-RoPE keys [B, Hkv, n, D] (uniform memories; ``segment`` for any)."""
+        return self._dense(self._vectors["keys"])
 
     @property
     def rotated(self) -> torch.Tensor:
         """Keys rotated at their current attention positions [B, Hkv, n, D]."""
-        return self._rotated[:, :, : self.length]
+        return self._dense(self._vectors["rotated"])
 
     @property
     def values(self) -> torch.Tensor:
-        return self._values[:, :, : self.length]
+        return self._dense(self._vectors["values"])
 
     @property
     def positions(self) -> torch.Tensor:
         """Original positions in the sequence [B, Hkv, n]."""
-        return self._positions[:, :, : self.length]
+        return self._dense(self._positions)
+
+    @property
+    def bias_flat(self) -> torch.Tensor | None:
+        """The flat bias buffer [C], or None while every entry is one token."""
+        return self._bias
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """Logit biases [B, Hkv, n] (None while every entry is one token)."""
+        return None if self._bias is None else self._dense(self._bias)
 
     def state(self, name: str) -> torch.Tensor:
         """Per-token policy state [B, Hkv, n] float32 (zeros for tokens the policy has not seen yet)."""
+        return self._dense(self._state_buffer(name))
+
+    def flat(self, kind: str) -> torch.Tensor:
+        """A buffer in the flat layout: "keys", "rotated", "values" [C, D]; "positions", "bias" [C]."""
+        if kind in KINDS:
+            return self._vectors[kind]
+        if kind == "positions":
+            return self._positions
+        if kind == "bias":
+            return self._bias_buffer()
+        return self._state_buffer(kind.removeprefix("state."))
+
+    def segment(self, index: int, kind: str) -> torch.Tensor:
+        """Segment ``index``'s entries of one buffer (see ``flat``): [n_s, D] or [n_s]."""
+        start = self.offsets[index]
+        return self.flat(kind)[start : start + self.lengths[index]]
+
+    def window(self, kind: str, first: int, stops: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries ``first``..``stops[s]`` of every segment, right-aligned and left-padded to the
+        widest: [B, Hkv, width, ...] and which of them are real ([B, Hkv, width] bool)."""
+        width = max((stop - first for stop in stops), default=0)
+        flat = self.flat(kind)
+        index, valid = self._window_index(first, stops, width)
+        return flat[index.clamp_min(0)].view(*self.shape, width, *flat.shape[1:]), valid
+
+    def write_window(self, kind: str, values: torch.Tensor, first: int, stops: Sequence[int]) -> None:
+        """Write back the real entries of a ``window`` of ``kind``."""
+        width = values.shape[2]
+        index, valid = self._window_index(first, stops, width)
+        flat = self.flat(kind)
+        flat[index[valid]] = values.reshape(-1, *flat.shape[1:])[valid.flatten()].to(flat.dtype)
+
+    def _window_index(
+        self, first: int, stops: Sequence[int], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self._positions.device
+        columns = torch.arange(width, device=device)
+        counts = torch.tensor([stop - first for stop in stops], device=device)
+        starts = torch.tensor(self.offsets, device=device) + first
+        index = starts[:, None] + columns[None, :] - (width - counts)[:, None]
+        valid = columns[None, :] >= (width - counts)[:, None]
+        return torch.where(valid, index, -1).view(*self.shape, width), valid.view(*self.shape, width)
+
+    def _state_buffer(self, name: str) -> torch.Tensor:
         if name not in self._state:
-            self._state[name] = torch.zeros(*self._positions.shape, device=self._positions.device)
-        return self._state[name][:, :, : self.length]
+            self._state[name] = torch.zeros(self._positions.shape[0], device=self._positions.device)
+        return self._state[name]
+
+    def _bias_buffer(self) -> torch.Tensor:
+        if self._bias is None:
+            self._bias = torch.zeros(self._positions.shape[0], device=self._positions.device)
+        return self._bias
+
+    # ---- changes
 
     def append(
-        self, keys: torch.Tensor, rotated: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+        self,
+        keys: torch.Tensor,
+        rotated: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
     ) -> None:
-        """Add ``L`` new tokens: keys/rotated/values [B, Hkv, L, D], positions [L] or [B, Hkv, L]."""
+        """Add ``L`` new tokens to every segment: keys/rotated/values [B, Hkv, L, D], positions [L] or
+        [B, Hkv, L]; they carry no bias and zero policy state."""
         new = keys.shape[2]
-        self._reserve(self.length + new)
-        end = self.length + new
-        self._keys[:, :, self.length : end] = keys
-        self._rotated[:, :, self.length : end] = rotated
-        self._values[:, :, self.length : end] = values
-        self._positions[:, :, self.length : end] = positions
-        for buffer in self._state.values():
-            buffer[:, :, self.length : end] = 0
-        self.length = end
+        if any(length + new > room for length, room in zip(self.lengths, self.room, strict=True)):
+            self._grow(new)
+        positions = positions.expand(*self.shape, new) if positions.dim() == 1 else positions
+        if self.uniform:
+            start, end = self.length, self.length + new
+            for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
+                self._dense_room(self._vectors[kind])[:, :, start:end] = data
+            self._dense_room(self._positions)[:, :, start:end] = positions
+            for buffer in self._per_entry():
+                self._dense_room(buffer)[:, :, start:end] = 0
+        else:
+            index = self._slots(new)
+            for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
+                self._vectors[kind].index_copy_(0, index, data.reshape(-1, self.head_dim))
+            self._positions.index_copy_(0, index, positions.reshape(-1))
+            for buffer in self._per_entry():
+                buffer.index_fill_(0, index, 0)
+        self.lengths = [length + new for length in self.lengths]
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep only the entries ``index`` [B, Hkv, m] (sorted per head), in that order."""
-        kept = index.shape[-1]
-        rows = index[..., None].expand(-1, -1, -1, self._head_dim)
-        for buffer in (self._keys, self._rotated, self._values):
-            buffer[:, :, :kept] = buffer[:, :, : self.length].gather(2, rows)
-        for buffer in (self._positions, *self._state.values()):
-            buffer[:, :, :kept] = buffer[:, :, : self.length].gather(2, index)
-        self.length = kept
+    def keep(self, index: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Keep only the entries ``index``: [B, Hkv, m] (the same count in every segment), or one
+        sorted 1-D index per segment (counts of their own), in that order."""
+        if isinstance(index, torch.Tensor) and self.uniform:
+            kept = index.shape[-1]
+            rows = index[..., None].expand(-1, -1, -1, self.head_dim)
+            for buffer in self._vectors.values():
+                dense = self._dense_room(buffer)
+                dense[:, :, :kept] = dense[:, :, : self.length].gather(2, rows)
+            for buffer in (self._positions, *self._per_entry()):
+                dense = self._dense_room(buffer)
+                dense[:, :, :kept] = dense[:, :, : self.length].gather(2, index)
+            self.lengths = [kept] * self.segments
+            return
+        per_segment = (
+            list(index.reshape(self.segments, -1)) if isinstance(index, torch.Tensor) else list(index)
+        )
+        chosen = torch.cat([self.offsets[s] + rows for s, rows in enumerate(per_segment)])
+        self._repack(chosen, [rows.numel() for rows in per_segment])
 
-    def truncate(self, length: int) -> None:
-        """Forget the newest entries beyond ``length``."""
-        self.length = min(self.length, length)
+    def merge(self, targets: torch.Tensor, sources: torch.Tensor) -> None:
+        """Fold the entries ``sources`` into ``targets`` (flat indices, ``source[i]`` into ``target[i]``):
+        each target's key and value become the count-weighted mean of itself and what folds into it,
+        and its bias the log of the total count (an entry of bias b stands for e^b tokens). The
+        sources are not removed here; ``keep`` does that."""
+        bias = self._bias_buffer()
+        counts = bias.exp()
+        total = counts.clone().index_add_(0, targets, counts[sources])
+        for kind in ("keys", "values"):
+            vectors = self._vectors[kind]
+            weighted = vectors.float() * counts[:, None]
+            weighted.index_add_(0, targets, weighted[sources])
+            updated = weighted[targets] / total[targets, None]
+            vectors.index_copy_(0, targets, updated.to(vectors.dtype))
+        bias.index_copy_(0, targets, total[targets].log())
+
+    def truncate(self, lengths: int | Sequence[int]) -> None:
+        """Forget each segment's newest entries beyond ``lengths`` (one count, or one per segment)."""
+        limits = [lengths] * self.segments if isinstance(lengths, int) else list(lengths)
+        self.lengths = [min(length, limit) for length, limit in zip(self.lengths, limits, strict=True)]
+
+    def set_rotated(self, rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Rotate every segment's pre-RoPE keys again at positions 0..n_s-1 (``rotate(keys, positions)``)."""
+        if self.uniform:
+            renumbered = torch.arange(self.length, device=self._positions.device)
+            self._dense_room(self._vectors["rotated"])[:, :, : self.length] = rotate(self.keys, renumbered)
+            return
+        for s in range(self.segments):
+            positions = torch.arange(self.lengths[s], device=self._positions.device)
+            start = self.offsets[s]
+            self._vectors["rotated"][start : start + self.lengths[s]] = rotate(
+                self.segment(s, "keys"), positions
+            )
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of every entry's tensors, for ``restore``."""
-        return {
-            "keys": self.keys.clone(),
-            "rotated": self.rotated.clone(),
-            "values": self.values.clone(),
-            "positions": self.positions.clone(),
-            **{f"state.{name}": self.state(name).clone() for name in self._state},
-        }
+        """Copies of every entry's tensors, segment after segment, and the segments' lengths."""
+        chosen = self._entries()
+        saved = {kind: buffer[chosen].clone() for kind, buffer in self._vectors.items()}
+        saved["positions"] = self._positions[chosen].clone()
+        if self._bias is not None:
+            saved["bias"] = self._bias[chosen].clone()
+        saved.update({f"state.{name}": buffer[chosen].clone() for name, buffer in self._state.items()})
+        saved["lengths"] = torch.tensor(self.lengths)
+        return saved
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
         """Hold exactly the entries of ``saved`` (a ``snapshot``) again."""
-        self.length = 0
-        self._state = {}
-        self.append(saved["keys"], saved["rotated"], saved["values"], saved["positions"])
-        for key, value in saved.items():
-            if key.startswith("state."):
-                self.state(key.removeprefix("state."))[:] = value
-
-    def set_rotated(self, rotated: torch.Tensor) -> None:
-        self._rotated[:, :, : self.length] = rotated
+        lengths = (
+            saved["lengths"].tolist()
+            if "lengths" in saved
+            else [saved["keys"].shape[0] // self.segments] * self.segments
+        )
+        device = self._positions.device
+        self._vectors = {kind: saved[kind].to(device).clone() for kind in KINDS}
+        self._positions = saved["positions"].to(device).clone()
+        self._bias = saved["bias"].to(device).clone() if "bias" in saved else None
+        self._state = {
+            key.removeprefix("state."): value.to(device).clone()
+            for key, value in saved.items()
+            if key.startswith("state.")
+        }
+        self._layout(lengths, lengths)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held, counting the spare capacity kept for the next step."""
-        tensors = (self._keys, self._rotated, self._values, self._positions, *self._state.values())
+        """Bytes held, counting the room kept for the next entries: proportional to the entries
+        summed over segments, not to the longest segment."""
+        tensors = [*self._vectors.values(), self._positions, *self._per_entry()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _reserve(self, needed: int) -> None:
-        capacity = self._keys.shape[2]
-        if needed <= capacity:
-            return
-        capacity = max(needed, 2 * capacity, 16)
+    def entry_bytes(self) -> int:
+        """Bytes of one entry in every buffer."""
+        return 3 * self.head_dim * self._vectors["keys"].element_size() + 8 + 4 * len(self._per_entry())
 
-        def grown(buffer: torch.Tensor) -> torch.Tensor:
-            bigger = buffer.new_empty(*buffer.shape[:2], capacity, *buffer.shape[3:])
-            bigger[:, :, : self.length] = buffer[:, :, : self.length]
-            return bigger
+    # ---- layout
 
-        self._keys, self._rotated, self._values = grown(self._keys), grown(self._rotated), grown(self._values)
-        self._positions = grown(self._positions)
-        self._state = {name: grown(buffer) for name, buffer in self._state.items()}
+    def _per_entry(self) -> list[torch.Tensor]:
+        return [*([self._bias] if self._bias is not None else []), *self._state.values()]
+
+    def _dense_room(self, flat: torch.Tensor) -> torch.Tensor:
+        room = self.room[0] if self.room else 0
+        return flat.view(*self.shape, room, *flat.shape[1:])
+
+    def _entries(self) -> torch.Tensor:
+        """Flat indices of every held entry, segment after segment."""
+        device = self._positions.device
+        if not self.segments:
+            return torch.empty(0, dtype=torch.long, device=device)
+        return torch.cat(
+            [
+                torch.arange(start, start + length, device=device)
+                for start, length in zip(self.offsets, self.lengths, strict=True)
+            ]
+        )
+
+    def _slots(self, new: int) -> torch.Tensor:
+        """Flat indices where each segment's next ``new`` entries go, segment after segment."""
+        device = self._positions.device
+        return torch.cat(
+            [
+                torch.arange(start + length, start + length + new, device=device)
+                for start, length in zip(self.offsets, self.lengths, strict=True)
+            ]
+        )
+
+    def _grow(self, new: int) -> None:
+        """More room for ``new`` entries in every segment: doubled, uniform memories staying uniform."""
+        if self.uniform:
+            room = max(self.length + new, 2 * (self.room[0] if self.room else 0), 16)
+            rooms = [room] * self.segments
+        else:
+            rooms = [
+                max(length + new, 2 * room, 16) for length, room in zip(self.lengths, self.room, strict=True)
+            ]
+        self._repack(self._entries(), self.lengths, rooms)
+
+    def _repack(self, chosen: torch.Tensor, lengths: list[int], rooms: list[int] | None = None) -> None:
+        """New buffers holding the flat entries ``chosen`` (segment after segment, ``lengths`` each)
+        in segments of ``rooms`` (default: exactly the lengths)."""
+        rooms = lengths if rooms is None else rooms
+        total = sum(rooms)
+        starts = _starts(rooms)
+        destination = torch.cat(
+            [
+                torch.arange(start, start + n, device=chosen.device)
+                for start, n in zip(starts, lengths, strict=True)
+            ]
+        )
+
+        def moved(buffer: torch.Tensor) -> torch.Tensor:
+            fresh = buffer.new_zeros(total, *buffer.shape[1:])
+            fresh[destination] = buffer[chosen]
+            return fresh
+
+        self._vectors = {kind: moved(buffer) for kind, buffer in self._vectors.items()}
+        self._positions = moved(self._positions)
+        self._bias = None if self._bias is None else moved(self._bias)
+        self._state = {name: moved(buffer) for name, buffer in self._state.items()}
+        self._layout(lengths, rooms)
+
+    def _layout(self, lengths: list[int], rooms: list[int]) -> None:
+        self.lengths, self.room, self.offsets = list(lengths), list(rooms), _starts(rooms)
+
+
+def _starts(rooms: Sequence[int]) -> list[int]:
+    starts, total = [], 0
+    for room in rooms:
+        starts.append(total)
+        total += room
+    return starts
 
 
 class KVMemory:
@@ -147,6 +381,10 @@ class KVMemory:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
+    def held_bytes(self) -> int:
+        """Bytes of the entries held, without the room kept for more."""
+        return sum(sum(layer.lengths) * layer.entry_bytes() for layer in self.layers)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every layer's entries by name (``"3.keys"``, ``"3.state.h2o_mass"``...), to save the memory."""
         return {
@@ -168,7 +406,7 @@ class KVMemory:
         """A function that puts the memory back as it is now. When what follows only appends (no
         eviction, no state update), forgetting the new entries is enough; otherwise every layer's
         entries are copied now (what a cancelled compressing turn costs)."""
-        seen, lengths = self.seen, [layer.length for layer in self.layers]
+        seen, lengths = self.seen, [list(layer.lengths) for layer in self.layers]
         saved = None if appending_only else [layer.snapshot() for layer in self.layers]
 
         @torch.inference_mode()
@@ -185,9 +423,9 @@ class KVMemory:
     def bytes_per_token(self, states: int = 0) -> int:
         """Bytes one more token takes over all layers and KV heads, with ``states`` policy states."""
         layer = self.layers[0]
-        batch, kv_heads = layer._shape
-        element = layer._keys.element_size()
-        per_head = 3 * layer._head_dim * element + layer._positions.element_size() + 4 * states
+        batch, kv_heads = layer.shape
+        element = layer.flat("keys").element_size()
+        per_head = 3 * layer.head_dim * element + layer.flat("positions").element_size() + 4 * states
         return len(self.layers) * batch * kv_heads * per_head
 
     @property
@@ -196,5 +434,5 @@ class KVMemory:
         return max((layer.length for layer in self.layers), default=0)
 
     def kept(self) -> int:
-        """Tokens held beyond the sinks, the most over layers (policies may give layers different budgets)."""
-        return max((layer.length for layer in self.layers), default=0) - min(self.sinks, self.seen)
+        """Tokens held beyond the sinks, the most over layers and heads."""
+        return self.longest - min(self.sinks, self.seen)

@@ -12,10 +12,17 @@ and the policy returns which to keep. A policy is a small class:
 ``Policy.select`` keeps the top ``budget`` scores per KV head, sorted. Override ``needs`` to receive
 attention statistics, ``state`` + ``update`` to carry per-token state across steps, ``layer_budget``
 for non-uniform budgets, or ``select`` itself.
+
+KV heads may hold different numbers of entries (head-wise budgets, head roles). The candidates are
+then padded on the left to the longest head, so that the newest sit last in every head as always;
+``valid`` marks the real ones, and scores of padding are ignored. A selection is an index tensor
+[B, Hkv, k] (the same count in every head), a boolean keep mask [B, Hkv, n] (counts of their own),
+or a ``Selection`` that also folds dropped entries into kept ones (merging rather than evicting).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,7 +56,8 @@ class Needs:
 
 @dataclass
 class Candidates:
-    """One layer's tokens that may be evicted (everything after the sinks), oldest first."""
+    """One layer's tokens that may be evicted (everything after the sinks), oldest first; heads of
+    different lengths padded on the left (see ``valid``)."""
 
     layer: int
     num_layers: int
@@ -58,17 +66,51 @@ class Candidates:
     values: torch.Tensor  # [B, Hkv, n, D]
     positions: torch.Tensor  # [B, Hkv, n] original positions
     new: int  # the last ``new`` candidates arrived in this step
-    stats: KeyStats | None  # mass [B, Hkv, n], count [n]; present when the policy's needs ask for it
-    state: dict[str, torch.Tensor]  # [B, Hkv, n] float32 views into the memory, writable
+    stats: KeyStats | None  # mass [B, Hkv, n], count [n] or [B, Hkv, n]; when the policy's needs ask
+    state: dict[str, torch.Tensor]  # [B, Hkv, n] float32, writable (what the policy keeps per token)
+    valid: torch.Tensor | None = None  # [B, Hkv, n] bool: real entries; None when every head is full
+    bias: torch.Tensor | None = None  # [B, Hkv, n] log of the tokens an entry stands for; None: all one
 
     @property
     def size(self) -> int:
         return self.keys.shape[2]
 
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` with padding at -inf, so that no selection takes it."""
+        return scores if self.valid is None else scores.masked_fill(~self.valid, float("-inf"))
+
+
+@dataclass
+class Selection:
+    """What a layer keeps (``keep`` [B, Hkv, n] bool) and where dropped entries go: ``into`` [B, Hkv, n]
+    gives the index of the kept entry a dropped one folds into (its key and value averaged in by how
+    many tokens each stands for), or -1 to drop it."""
+
+    keep: torch.Tensor
+    into: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a policy may know of the model it compresses, given once before the first step."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    calibration: Callable[[str], dict]  # a section of the model's calibration file (tools.find_heads)
+
 
 class Policy:
     needs: ClassVar[Needs] = Needs()
     state: ClassVar[tuple[str, ...]] = ()
+    # Whether the policy gives heads different counts (the memory then holds them as they are) and
+    # folds entries together (attention then weighs an entry by the tokens it stands for).
+    head_wise: ClassVar[bool] = False
+    merges: ClassVar[bool] = False
+
+    def prepare(self, model: ModelFacts) -> None:
+        """Read what the policy needs of the model (e.g. its calibration) before the first step."""
 
     def layer_budget(self, budget: int, layer: int, num_layers: int) -> int | None:
         """Tokens this layer may keep given the step's budget; ``None`` keeps everything."""
@@ -81,9 +123,19 @@ class Policy:
         raise NotImplementedError(f"{type(self).__name__} must implement score() or select()")
 
     def select(self, candidates: Candidates, budget: int) -> torch.Tensor:
-        """Indices [B, Hkv, k] into the candidates, sorted ascending per head, unique, k <= budget."""
-        scores = self.score(candidates)
-        return scores.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+        """Indices [B, Hkv, k] into the candidates, sorted ascending per head, unique, k <= budget (or
+        a keep mask / ``Selection``, see the module)."""
+        return top_per_head(candidates, candidates.mask(self.score(candidates)), budget)
+
+
+def top_per_head(candidates: Candidates, scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """The ``budget`` best entries of each head (all of a shorter head's): sorted indices when every
+    head is full, else a keep mask."""
+    chosen = scores.topk(min(budget, scores.shape[-1]), dim=-1, sorted=False).indices.sort(dim=-1).values
+    if candidates.valid is None:
+        return chosen
+    keep = torch.zeros_like(candidates.valid).scatter_(-1, chosen, True) & candidates.valid
+    return keep
 
 
 def keep_recent(scores: torch.Tensor, recent: int) -> torch.Tensor:
@@ -103,14 +155,17 @@ available = _registry.available
 
 __all__ = [
     "Candidates",
+    "ModelFacts",
     "Needs",
     "Policy",
     "PolicyError",
+    "Selection",
     "available",
     "get",
     "keep_recent",
     "load_plugin",
     "register",
+    "top_per_head",
 ]
 
 from policies import attention as _attention  # noqa: E402,F401

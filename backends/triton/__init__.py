@@ -14,7 +14,7 @@ import importlib.util
 
 import torch
 
-from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, prepare_triton
+from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, Segments, prepare_triton
 
 prepare_triton()
 if importlib.util.find_spec("triton") is None:
@@ -33,20 +33,28 @@ class TritonBackend(Backend):
     name = "triton"
     interpreted = INTERPRETED  # kernels simulated on the CPU: right, but far too slow to time
 
-    def supports(self, spec: AttentionSpec) -> bool:
-        if spec.dtype not in DTYPES or spec.head_dim not in HEAD_DIMS or spec.group < 1:
-            return False
-        if spec.window is not None and spec.window < 1:
-            return False
-        return _runs_on(torch.device(spec.device))
+    def lacks(self, spec: AttentionSpec) -> str | None:
+        if spec.dtype not in DTYPES:
+            return f"its kernels take {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}"
+        if spec.head_dim not in HEAD_DIMS:
+            return f"its kernels take head dims {', '.join(map(str, HEAD_DIMS))}"
+        if spec.group < 1 or (spec.window is not None and spec.window < 1):
+            return "the GQA group and window must be positive"
+        if spec.segments or spec.bias:
+            return "its kernels do not read heads of different lengths or biased entries yet"
+        if not _runs_on(torch.device(spec.device)):
+            return "its kernels run on CUDA devices, or interpreted on the CPU (TRITON_INTERPRET=1)"
+        return None
 
-    def prefill(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+    def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+        _check_plain(k, bias)
         _check_inputs(q, k, v, window)
         _check_out(out, q.shape, q.dtype, q.device)
         result, lse = prefill.attend(q, k, v, _scale(q, scale), window, out)
         return AttentionOutput(result, lse)
 
-    def scores(self, q, k, *, lse=None, last=None, scale=None, window=None, out=None) -> KeyStats:
+    def scores(self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None) -> KeyStats:
+        _check_plain(k, bias)
         _check_inputs(q, k, None, window)
         batch, q_heads, q_len, _ = q.shape
         kv_heads, k_len = k.shape[1], k.shape[2]
@@ -67,7 +75,8 @@ class TritonBackend(Backend):
         mass = scores.key_mass(scored, k, row_lse, scale, window, out)
         return KeyStats(mass, _visible_counts(q_len - first, k_len, window, q.device))
 
-    def decode(self, q, k, v, *, scale=None, window=None, out=None) -> AttentionOutput:
+    def decode(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+        _check_plain(k, bias)
         if q.dim() != 4 or q.shape[2] != 1:
             return self.prefill(q, k, v, scale=scale, window=window, out=out)
         _check_inputs(q, k, v, window)
@@ -76,6 +85,11 @@ class TritonBackend(Backend):
             raise ValueError("triton backend: decode needs at least one cached key (the query's own)")
         result, lse = decode.decode(q, k, v, _scale(q, scale), window, out)
         return AttentionOutput(result, lse)
+
+
+def _check_plain(k, bias) -> None:
+    if isinstance(k, Segments) or bias is not None:
+        raise ValueError("the triton backend does not read heads of different lengths or biased entries yet")
 
 
 def _runs_on(device: torch.device) -> bool:
