@@ -52,9 +52,9 @@ class Segments:
 
 
 class KeyStats(NamedTuple):
-    mass: (
-        torch.Tensor
-    )  # [B, Hkv, Lk] float32: softmax probability summed over scored queries and the group's heads
+    # [B, Hkv, Lk] float32: softmax probability summed over scored queries and the group's heads
+    # ([B, Hq, Lk], not summed over heads, when asked ``by_query_head``)
+    mass: torch.Tensor
     count: (
         torch.Tensor
     )  # [Lk] int64 ([B, Hkv, Lk] for Segments, left-padded): scored queries that see each key
@@ -72,14 +72,16 @@ class AttentionSpec:
     stats: bool = False  # whether ``scores`` will be called
     segments: bool = False  # KV heads of different lengths (``Segments``)
     bias: bool = False  # per-entry logit biases
+    query_head_stats: bool = False  # ``scores(by_query_head=True)``
 
     def describe(self) -> str:
         window = f", window {self.window}" if self.window else ""
         stats = ", with statistics" if self.stats else ""
         segments = ", heads of different lengths" if self.segments else ""
         bias = ", biased entries" if self.bias else ""
+        per_head = ", statistics per query head" if self.query_head_stats else ""
         dtype = str(self.dtype).removeprefix("torch.")
-        features = f"{window}{stats}{segments}{bias}"
+        features = f"{window}{stats}{segments}{bias}{per_head}"
         return f"head dim {self.head_dim}, GQA group {self.group}, {dtype} on {self.device}{features}"
 
 
@@ -92,11 +94,23 @@ class Backend:
         return self.lacks(spec) is None
 
     def lacks(self, spec: AttentionSpec) -> str | None:
-        """Why this backend cannot serve ``spec``, in words; None when it can. (A backend written
-        before this existed may override ``supports`` alone.)"""
-        if type(self).supports is not Backend.supports:
-            return None if self.supports(spec) else "not supported"
-        raise NotImplementedError
+        """Why this backend cannot serve ``spec``, in words; None when it can. A backend that
+        overrides ``supports`` alone was written for plain memories: it is asked about those, and
+        declines heads of different lengths, biased entries and statistics per query head."""
+        if type(self).supports is Backend.supports:
+            raise NotImplementedError(f"backend {self.name!r} must implement lacks()")
+        newer = [
+            feature
+            for feature, asked in (
+                ("heads of different lengths", spec.segments),
+                ("biased entries", spec.bias),
+                ("statistics per query head", spec.query_head_stats),
+            )
+            if asked
+        ]
+        if newer:
+            return f"it does not say it reads {', '.join(newer)}"
+        return None if self.supports(spec) else "it says it does not"
 
     def prefill(
         self,
@@ -123,8 +137,10 @@ class Backend:
         window: int | None = None,
         out: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        by_query_head: bool = False,
     ) -> KeyStats:
-        """Per-key attention mass from the last ``last`` queries (all when None), per KV head.
+        """Per-key attention mass from the last ``last`` queries (all when None), per KV head (summed
+        over its group), or per query head [B, Hq, Lk] with ``by_query_head``.
 
         ``lse`` is the prefill's per-row LSE for all Lq rows; without it the backend recomputes it.
         """
@@ -174,14 +190,15 @@ def resolve(name: str, spec: AttentionSpec) -> Backend:
         order = ["triton", "sdpa", "reference"] if spec.device == "cuda" else ["sdpa", "reference"]
         for candidate in order:
             backend = _try_get(candidate)
-            if backend is not None and backend.supports(spec):
+            if backend is not None and backend.lacks(spec) is None and backend.supports(spec):
                 return backend
         return get("reference")
     backend = get(name)
     reason = backend.lacks(spec)
-    if reason is None:
+    if reason is None and backend.supports(spec):
         return backend
-    notice(f"backend {name!r} cannot run {spec.describe()} ({reason}); using 'reference'")
+    why = f" ({reason})" if reason else ""
+    notice(f"backend {name!r} does not support {spec.describe()}{why}; using 'reference'")
     return get("reference")
 
 

@@ -102,28 +102,34 @@ class ReferenceBackend(Backend):
         result = result.reshape(batch, q_heads, lq, dim).to(q.dtype)
         return AttentionOutput(_write(result, out), lse.reshape(batch, q_heads, lq))
 
-    def scores(self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None) -> KeyStats:
+    def scores(
+        self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None, by_query_head=False
+    ) -> KeyStats:
         if isinstance(k, Segments):
-            return self._segment_scores(q, k, lse, last, scale, window)
+            return self._segment_scores(q, k, lse, last, scale, window, by_query_head)
         batch, q_heads, lq, _ = q.shape
         kv_heads, lk = k.shape[1], k.shape[2]
         scale = _default_scale(q, scale)
         first = 0 if last is None else max(0, lq - last)
-        mass = torch.zeros(batch, kv_heads, lk, dtype=torch.float32, device=q.device)
-        grouped_lse = None if lse is None else lse.float().reshape(batch, kv_heads, q_heads // kv_heads, lq)
+        group = q_heads // kv_heads
+        mass = torch.zeros(batch, kv_heads, group if by_query_head else 1, lk, device=q.device)
+        grouped_lse = None if lse is None else lse.float().reshape(batch, kv_heads, group, lq)
         for start in range(first, lq, ROW_TILE):
             rows = slice(start, min(lq, start + ROW_TILE))
             scores = _grouped_scores(q, k, rows, scale, window, bias)
             row_lse = torch.logsumexp(scores, dim=-1) if grouped_lse is None else grouped_lse[..., rows]
-            mass += _probabilities(scores, row_lse).sum(dim=(2, 3))
+            per_head = _probabilities(scores, row_lse).sum(dim=3)  # [B, Hkv, G, Lk]
+            mass += per_head if by_query_head else per_head.sum(dim=2, keepdim=True)
         count = visible(lq, lk, window, q.device)[first:].sum(dim=0)
+        mass = mass.reshape(batch, q_heads if by_query_head else kv_heads, lk)
         return KeyStats(_write(mass, out), count)
 
-    def _segment_scores(self, q, segments: Segments, lse, last, scale, window) -> KeyStats:
+    def _segment_scores(self, q, segments: Segments, lse, last, scale, window, by_query_head) -> KeyStats:
         """Each segment's statistics, left-padded to the longest (as policies see candidates)."""
         batch, kv_heads = segments.shape
         group, longest = q.shape[1] // kv_heads, segments.longest
-        mass = torch.zeros(batch, kv_heads, longest, dtype=torch.float32, device=q.device)
+        rows = group if by_query_head else 1
+        mass = torch.zeros(batch, kv_heads, rows, longest, dtype=torch.float32, device=q.device)
         count = torch.zeros(batch, kv_heads, longest, dtype=torch.long, device=q.device)
         for s in range(batch * kv_heads):
             b, h = divmod(s, kv_heads)
@@ -132,12 +138,12 @@ class ReferenceBackend(Backend):
             stats = self.scores(
                 q[b : b + 1, heads], keys[None, None], last=last, scale=scale, window=window,
                 lse=None if lse is None else lse[b : b + 1, heads],
-                bias=None if bias is None else bias[None, None],
+                bias=None if bias is None else bias[None, None], by_query_head=by_query_head,
             )  # fmt: skip
             n = segments.lengths[s]
-            mass[b, h, longest - n :] = stats.mass[0, 0]
+            mass[b, h, :, longest - n :] = stats.mass[0]
             count[b, h, longest - n :] = stats.count
-        return KeyStats(mass, count)
+        return KeyStats(mass.reshape(batch, kv_heads * rows, longest), count)
 
     def decode(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
         return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)

@@ -96,7 +96,8 @@ class MemoryAttention:
             layer_memory.append(k, rotated, v, original)
             keys, values, bias = self._segments(layer_memory), None, None
         attend = setup.backend.decode if q.shape[2] == 1 else setup.backend.prefill
-        result = attend(q, keys, values, window=setup.window, bias=bias)
+        # Only features in use are passed: a plugin backend written for plain memories still serves them.
+        result = attend(q, keys, values, window=setup.window, **_given(bias=bias))
         self._compress(layer, layer_memory, q, keys, result.lse, new, bias)
         return result.out
 
@@ -174,8 +175,9 @@ class MemoryAttention:
         if policy.needs.queries is not None and observed:
             last = self.query_rows if self.query_rows is not None else policy.needs.last
             stats = self.setup.backend.scores(
-                q, keys, lse=lse, last=last, window=self.setup.window, bias=bias
-            )
+                q, keys, lse=lse, last=last, window=self.setup.window,
+                **_given(bias=bias, by_query_head=policy.needs.by_query_head),
+            )  # fmt: skip
         memory.truncate(kept)
         if not observed:
             return
@@ -229,7 +231,7 @@ class MemoryAttention:
         if stats is not None:
             mass, count = stats
             if count.dim() == 1:  # uniform statistics: every head its full length
-                count = count.expand_as(mass)
+                count = count.expand(*memory.shape, count.shape[-1])
             stats = KeyStats(_last(mass[..., : mass.shape[-1] - self.observers], width),
                              _last(count[..., : count.shape[-1] - self.observers], width))  # fmt: skip
         candidates = self._candidates(
@@ -275,6 +277,11 @@ class MemoryAttention:
         memory.keep([torch.cat((sink_index, row + sinks)) for row in rows])
         if self.setup.positions == "compact":
             memory.set_rotated(self.setup.rope.rotate)
+
+
+def _given(**options) -> dict:
+    """The options that are set (not None or False)."""
+    return {name: value for name, value in options.items() if value is not None and value is not False}
 
 
 def _last(tensor: torch.Tensor, width: int) -> torch.Tensor:

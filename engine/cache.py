@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 KINDS = ("keys", "rotated", "values")
+GROWTH_MIN = 16  # entries a segment grows by at least
 
 
 class LayerMemory:
@@ -222,6 +223,18 @@ class LayerMemory:
             vectors.index_copy_(0, targets, updated.to(vectors.dtype))
         bias.index_copy_(0, targets, total[targets].log())
 
+    def trim(self) -> None:
+        """Give back the room beyond the entries held (after a prefill: decode grows it again)."""
+        if self.room != self.lengths:
+            self._repack(self._entries(), self.lengths)
+
+    def reserve(self, rooms: int | Sequence[int]) -> None:
+        """Room for at least ``rooms`` entries in every segment (one count, or one per segment)."""
+        wanted = [rooms] * self.segments if isinstance(rooms, int) else list(rooms)
+        if any(want > room for want, room in zip(wanted, self.room, strict=True)):
+            rooms = [max(want, room) for want, room in zip(wanted, self.room, strict=True)]
+            self._repack(self._entries(), self.lengths, rooms)
+
     def truncate(self, lengths: int | Sequence[int]) -> None:
         """Forget each segment's newest entries beyond ``lengths`` (one count, or one per segment)."""
         limits = [lengths] * self.segments if isinstance(lengths, int) else list(lengths)
@@ -271,8 +284,8 @@ class LayerMemory:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held, counting the room kept for the next entries: proportional to the entries
-        summed over segments, not to the longest segment."""
+        """Bytes of the buffers: the entries summed over segments (not the longest segment times the
+        segments), and the room kept for the next ones (none after ``trim``, at most a quarter)."""
         tensors = [*self._vectors.values(), self._positions, *self._per_entry()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -312,13 +325,13 @@ class LayerMemory:
         )
 
     def _grow(self, new: int) -> None:
-        """More room for ``new`` entries in every segment: doubled, uniform memories staying uniform."""
+        """Room for ``new`` more entries in every segment, and a quarter more (appends stay amortised
+        O(1) and at most a quarter of the buffers is ever empty); uniform memories stay uniform."""
         if self.uniform:
-            room = max(self.length + new, 2 * (self.room[0] if self.room else 0), 16)
-            rooms = [room] * self.segments
+            rooms = [_grown(self.room[0] if self.room else 0, self.length + new)] * self.segments
         else:
             rooms = [
-                max(length + new, 2 * room, 16) for length, room in zip(self.lengths, self.room, strict=True)
+                _grown(room, length + new) for length, room in zip(self.lengths, self.room, strict=True)
             ]
         self._repack(self._entries(), self.lengths, rooms)
 
@@ -348,6 +361,10 @@ class LayerMemory:
 
     def _layout(self, lengths: list[int], rooms: list[int]) -> None:
         self.lengths, self.room, self.offsets = list(lengths), list(rooms), _starts(rooms)
+
+
+def _grown(room: int, needed: int) -> int:
+    return max(needed, room + max(room // 4, GROWTH_MIN))
 
 
 def _starts(rooms: Sequence[int]) -> list[int]:
@@ -380,6 +397,11 @@ class KVMemory:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    def trim(self) -> None:
+        """Every layer's ``trim``."""
+        for layer in self.layers:
+            layer.trim()
 
     def held_bytes(self) -> int:
         """Bytes of the entries held, without the room kept for more."""
@@ -430,9 +452,16 @@ class KVMemory:
 
     @property
     def longest(self) -> int:
-        """Entries of the longest layer, sinks included."""
+        """Entries of the longest head of any layer, sinks included."""
         return max((layer.length for layer in self.layers), default=0)
 
+    @property
+    def uniform(self) -> bool:
+        """Every KV head of a layer holds as many entries as the others."""
+        return all(layer.uniform for layer in self.layers)
+
     def kept(self) -> int:
-        """Tokens held beyond the sinks, the most over layers and heads."""
-        return self.longest - min(self.sinks, self.seen)
+        """Tokens held beyond the sinks per KV head: the most of any layer, a layer's count being the
+        mean of its heads' (rounded up; every head's when they hold the same number)."""
+        mean = max((-(-sum(layer.lengths) // layer.segments) for layer in self.layers), default=0)
+        return mean - min(self.sinks, self.seen)

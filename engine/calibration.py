@@ -58,16 +58,16 @@ def find(llm: Any, path: str | Path | None = None) -> tuple[dict[str, Any], Path
     file made for this model."""
     mine = identity(llm)
     if path is not None:
-        data = _read(Path(path))
+        data = _read(Path(path), llm)
         _check(data, mine, Path(path), llm)
         return data, Path(path)
     own = Path(llm.path) / CHECKPOINT_FILE
     if own.is_file():
-        data = _read(own)
+        data = _read(own, llm)
         _check(data, mine, own, llm)
         return data, own
     for shipped in sorted(SHIPPED.glob("*.json")):
-        data = _read(shipped)
+        data = _read(shipped, llm)
         if data.get("model", {}).get("fingerprint") == mine["fingerprint"]:
             _check(data, mine, shipped, llm)
             return data, shipped
@@ -85,14 +85,13 @@ def section(data: dict[str, Any], name: str, path: Path, llm: Any) -> dict[str, 
     return part
 
 
-def _read(path: Path) -> dict[str, Any]:
-    data = read_json_object(path, CalibrationError)
+def _read(path: Path, llm: Any) -> dict[str, Any]:
+    remedy = f"remake it with `{make_command(llm)}`"
+    data = read_json_object(path, CalibrationError, remedy)
     if data is None:
-        raise CalibrationError(f"calibration file {path} not found")
+        raise CalibrationError(f"calibration file {path} not found; make it with `{make_command(llm)}`")
     if data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
-        raise CalibrationError(
-            f"{path} is not a calibration file of format {FORMAT}; remake it with tools.find_heads"
-        )
+        raise CalibrationError(f"{path} is not a calibration file of format {FORMAT}; {remedy}")
     return data
 
 

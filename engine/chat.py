@@ -75,7 +75,8 @@ def format_stats(completion: Completion, document: PrefillResult | None = None) 
         f"prefill {prompt} tokens in {seconds:.2f} s ({prompt / max(seconds, 1e-9):.1f} tok/s); "
         f"decode {produced} tokens in {completion.decode_seconds:.2f} s "
         f"({produced / max(completion.decode_seconds, 1e-9):.1f} tok/s); memory {memory.kept()} "
-        f"tokens + {min(memory.sinks, memory.seen)} sinks ({memory.nbytes / 2**20:.1f} MiB)"
+        f"tokens{'' if memory.uniform else ' per head on average'} + {min(memory.sinks, memory.seen)} "
+        f"sinks ({memory.nbytes / 2**20:.1f} MiB)"
     )
     if completion.reform is not None:
         r, layers = completion.reform, len(memory.layers)

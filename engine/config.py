@@ -128,16 +128,19 @@ def parse_config(
     return config
 
 
-def read_json_object(path: Path, error: type[ValueError] = ConfigError) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None when there is no such file; anything else raises ``error``."""
+def read_json_object(
+    path: Path, error: type[ValueError] = ConfigError, remedy: str = "re-download or re-convert it"
+) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when there is no such file; anything else raises ``error``
+    (saying what to do: ``remedy``)."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
-        raise error(f"{path} is not valid JSON ({problem}); re-download or re-convert it") from None
+        raise error(f"{path} is not valid JSON ({problem}); {remedy}") from None
     if not isinstance(data, dict):
-        raise error(f"{path} should hold a JSON object")
+        raise error(f"{path} should hold a JSON object; {remedy}")
     return data
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import backends
 import schedules
-from engine import gguf, reform
+from engine import calibration, gguf, reform
 from engine.attention import AttentionSetup, MemoryAttention, PrefillCancelled, Tap
 from engine.cache import KVMemory
 from engine.checkpoint import DTYPES, load_gguf, load_model
@@ -25,7 +25,7 @@ from engine.reform import ReformStats
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_from
 from models.quantized import FORMATS as QUANTIZED_FORMATS
 from models.rope import Rope
-from policies import Policy
+from policies import ModelFacts, Policy
 
 
 @dataclass
@@ -60,6 +60,7 @@ class LLM:
         self.backend, self.device, self.dtype = backend, device, dtype
         self.rope = Rope(config.head_dim, config.rope, device)
         self._resolved: dict[backends.AttentionSpec, backends.Backend] = {}
+        self._calibration: tuple[dict, Path] | None = None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -75,6 +76,9 @@ class LLM:
         )
 
     def attention_setup(self, policy: Policy, positions: str = "compact") -> AttentionSetup:
+        """What a prefill or generation with ``policy`` runs with: the policy prepared for this model
+        (its calibration read), and the backend resolved for what the policy asks of attention."""
+        policy.prepare(self.model_facts())
         spec = backends.AttentionSpec(
             head_dim=self.config.head_dim,
             group=self.config.group,
@@ -82,6 +86,9 @@ class LLM:
             device=self.device.type,
             window=self.model.sliding_window,
             stats=policy.needs.queries is not None,
+            segments=policy.head_wise,
+            bias=policy.merges,
+            query_head_stats=policy.needs.by_query_head,
         )
         if spec not in self._resolved:
             self._resolved[spec] = backends.resolve(self.backend, spec)
@@ -93,6 +100,20 @@ class LLM:
             self.model.sliding_window,
             self.config.num_layers,
         )
+
+    def model_facts(self) -> ModelFacts:
+        c = self.config
+        return ModelFacts(
+            c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, self.calibration,
+            calibration.make_command(self),
+        )  # fmt: skip
+
+    def calibration(self, name: str) -> dict:
+        """Section ``name`` of this model's calibration file (``python -m tools.find_heads``)."""
+        if self._calibration is None:
+            self._calibration = calibration.find(self)
+        data, path = self._calibration
+        return calibration.section(data, name, path, self)
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Full-attention float32 logits for every position [len(ids), vocab]."""

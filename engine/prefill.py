@@ -142,7 +142,7 @@ def prefill_bytes(config: ModelConfig, memory: KVMemory, plan: list[schedules.St
         return 0
     widest = memory.longest + memory.sinks + schedules.peak_span(plan)
     chunk = max(step.chunk for step in plan)
-    element = memory.layers[0].keys.element_size()
+    element = memory.layers[0].flat("keys").element_size()
     q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     per_token = 4 * config.hidden_size + 2 * (q_size + 2 * kv_size) + 3 * config.intermediate_size
     scores = min(chunk, SCORE_ROWS) * widest * config.num_heads * 4 * 2
@@ -226,6 +226,7 @@ def run_prefill(
             steps.append(StepStats(index, step.chunk, memory.kept(), time.perf_counter() - started, peak))
             bar.update(step.chunk)
             bar.set_postfix(memory=memory.kept())
+    memory.trim()  # the room a next chunk would have needed: decode needs far less
     if layers is not None:
         return PrefillResult(memory, None, steps)
     return PrefillResult(memory, torch.cat(logits, dim=1) if all_logits else logits[-1], steps)

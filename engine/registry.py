@@ -70,6 +70,11 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} {name!r} needs {', '.join(missing)}; options: {allowed}")
         return factory(**options)
 
+    def options(self, name: str) -> list[str]:
+        """The keyword options the entry ``name`` takes (empty when it takes any)."""
+        signature = _options(self.factory(name))
+        return [] if signature is None else signature[0]
+
     def available(self) -> list[str]:
         self._load_entry_points()
         return sorted(self._factories)

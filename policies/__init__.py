@@ -13,6 +13,10 @@ and the policy returns which to keep. A policy is a small class:
 attention statistics, ``state`` + ``update`` to carry per-token state across steps, ``layer_budget``
 for non-uniform budgets, or ``select`` itself.
 
+How many tokens each head keeps, or which role a head plays, is a ``Wrapper`` around any scorer:
+``adakv(h2o)`` is H2O's scores under AdaKV's head-wise budgets. ``get("adakv(h2o)", alpha=0.1)``
+builds it, each option going to whichever of the two takes it.
+
 KV heads may hold different numbers of entries (head-wise budgets, head roles). The candidates are
 then padded on the left to the longest head, so that the newest sit last in every head as always;
 ``valid`` marks the real ones, and scores of padding are ignored. A selection is an index tensor
@@ -22,9 +26,10 @@ or a ``Selection`` that also folds dropped entries into kept ones (merging rathe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,11 +47,13 @@ class Needs:
 
     ``queries``: the attention mass each key receives from the chunk's last ``queries`` queries, from
     ``"all"`` of them, or ``None`` for no attention statistics. ``every_step``: also on steps that do
-    not compress (policies that accumulate, like H2O).
+    not compress (policies that accumulate, like H2O). ``by_query_head``: the mass per query head
+    [B, Hq, n] rather than summed over each KV head's group.
     """
 
     queries: int | str | None = None
     every_step: bool = False
+    by_query_head: bool = False
 
     @property
     def last(self) -> int | None:
@@ -98,7 +105,26 @@ class ModelFacts:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    calibration: Callable[[str], dict]  # a section of the model's calibration file (tools.find_heads)
+    # A section of the model's calibration file (``python -m tools.find_heads``); raises a ValueError
+    # naming the command that makes the file when there is none.
+    calibration: Callable[[str], dict]
+    calibrate_command: str = "python -m tools.find_heads -m CHECKPOINT"
+
+    def head_table(self, section: str, name: str, *, query_heads: bool = False) -> torch.Tensor:
+        """``name`` of a calibration section as a float tensor [layers, heads] (KV heads unless
+        ``query_heads``), refused with the command to remake it when its shape is not this model's."""
+        heads = self.num_heads if query_heads else self.num_kv_heads
+        values = self.calibration(section).get(name)
+        try:
+            table = torch.tensor(values, dtype=torch.float32)
+        except (TypeError, ValueError):
+            table = None
+        if table is None or tuple(table.shape) != (self.num_layers, heads):
+            raise PolicyError(
+                f"the calibration's {section}.{name} is not a table of {self.num_layers} layers x {heads} "
+                f"heads for this model: run `{self.calibrate_command}` to remake it"
+            )
+        return table
 
 
 class Policy:
@@ -128,6 +154,40 @@ class Policy:
         return top_per_head(candidates, candidates.mask(self.score(candidates)), budget)
 
 
+@dataclass
+class Wrapper(Policy):
+    """A policy around another one, ``scorer`` (a policy or its name): the wrapper decides how many
+    tokens each head keeps or what role it plays; the scorer's scores decide which tokens."""
+
+    scorer: Policy | str = "snapkv"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scorer, str):
+            self.scorer = get(self.scorer)
+        if not isinstance(self.scorer, Policy):
+            raise PolicyError(f"{type(self).__name__} wraps a policy, not {self.scorer!r}")
+
+    @property
+    def needs(self) -> Needs:  # type: ignore[override]
+        return self.scorer.needs
+
+    @property
+    def state(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.scorer.state
+
+    def prepare(self, model: ModelFacts) -> None:
+        self.scorer.prepare(model)
+
+    def layer_budget(self, budget: int, layer: int, num_layers: int) -> int | None:
+        return self.scorer.layer_budget(budget, layer, num_layers)
+
+    def update(self, candidates: Candidates) -> None:
+        self.scorer.update(candidates)
+
+    def score(self, candidates: Candidates) -> torch.Tensor:
+        return candidates.mask(self.scorer.score(candidates))
+
+
 def top_per_head(candidates: Candidates, scores: torch.Tensor, budget: int) -> torch.Tensor:
     """The ``budget`` best entries of each head (all of a shorter head's): sorted indices when every
     head is full, else a keep mask."""
@@ -136,6 +196,36 @@ def top_per_head(candidates: Candidates, scores: torch.Tensor, budget: int) -> t
         return chosen
     keep = torch.zeros_like(candidates.valid).scatter_(-1, chosen, True) & candidates.valid
     return keep
+
+
+def keep_counts(candidates: Candidates, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A keep mask [B, Hkv, n] with the ``counts[b, h]`` best real entries of each head."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    )
+    keep = ranks < counts[..., None]
+    return keep if candidates.valid is None else keep & candidates.valid
+
+
+def apportion(total: int, weights: list[float], floor: int, capacity: list[int]) -> list[int]:
+    """``total`` split into whole shares in proportion to ``weights``: each at least ``floor`` and at
+    most its ``capacity``, what a full share cannot take going to the others, the remainder by the
+    largest fractions. The shares sum to ``total`` unless the capacities are smaller."""
+    shares = [min(floor, cap) for cap in capacity]
+    while (left := total - sum(shares)) > 0:
+        open_ = [i for i, cap in enumerate(capacity) if shares[i] < cap]
+        if not open_:
+            break
+        weight = sum(max(weights[i], 0.0) for i in open_)
+        exact = {i: left * (max(weights[i], 0.0) / weight if weight > 0 else 1 / len(open_)) for i in open_}
+        given = {i: min(int(exact[i]), capacity[i] - shares[i]) for i in open_}
+        if not any(given.values()):  # less than one each: the largest fractions get one
+            for i in sorted(open_, key=lambda i: (-exact[i], i))[:left]:
+                given[i] = 1
+        for i, amount in given.items():
+            shares[i] += amount
+    return shares
 
 
 def keep_recent(scores: torch.Tensor, recent: int) -> torch.Tensor:
@@ -150,8 +240,34 @@ def keep_recent(scores: torch.Tensor, recent: int) -> torch.Tensor:
 
 _registry: Registry[Policy] = Registry("policy", entry_point_group="engine.policies")
 register = _registry.register
-get = _registry.get
 available = _registry.available
+_WRAPPED = re.compile(r"([\w.-]+)\((.+)\)")
+
+
+def get(name: str, **options: Any) -> Policy:
+    """The policy ``name`` built with ``options``; ``outer(inner)`` wraps the policy ``inner`` in the
+    wrapper ``outer``, each option going to the one that takes it (the wrapper when both do)."""
+    wrapped = _WRAPPED.fullmatch(name.strip())
+    if wrapped is None:
+        return _registry.get(name, **options)
+    outer, inner = wrapped.groups()
+    factory = _registry.factory(outer)
+    if not (isinstance(factory, type) and issubclass(factory, Wrapper)):
+        raise PolicyError(f"policy {outer!r} does not wrap another policy; wrappers: {', '.join(wrappers())}")
+    own = _registry.options(outer)
+    mine = {key: value for key, value in options.items() if key in own and key != "scorer"}
+    rest = {key: value for key, value in options.items() if key not in mine}
+    return _registry.get(outer, scorer=get(inner, **rest), **mine)
+
+
+def wrappers() -> list[str]:
+    """The registered policies that wrap another (``adakv(snapkv)``)."""
+    return [
+        name
+        for name in available()
+        if isinstance(factory := _registry.factory(name), type) and issubclass(factory, Wrapper)
+    ]
+
 
 __all__ = [
     "Candidates",
@@ -160,16 +276,27 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Selection",
+    "Wrapper",
+    "apportion",
     "available",
     "get",
+    "keep_counts",
     "keep_recent",
     "load_plugin",
     "register",
     "top_per_head",
+    "wrappers",
 ]
 
+from policies import adakv as _adakv  # noqa: E402,F401
 from policies import attention as _attention  # noqa: E402,F401
+from policies import compresskv as _compresskv  # noqa: E402,F401
+from policies import duo as _duo  # noqa: E402,F401
+from policies import ems as _ems  # noqa: E402,F401
 from policies import h2o as _h2o  # noqa: E402,F401
 from policies import key_norm as _key_norm  # noqa: E402,F401
 from policies import positional as _positional  # noqa: E402,F401
+from policies import pyramidkv as _pyramidkv  # noqa: E402,F401
+from policies import razor as _razor  # noqa: E402,F401
 from policies import snapkv as _snapkv  # noqa: E402,F401
+from policies import uncomp as _uncomp  # noqa: E402,F401

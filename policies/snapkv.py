@@ -1,4 +1,4 @@
-"""SnapKV and PyramidKV: votes of an observation window of queries, smoothed along the sequence.
+"""SnapKV (Li et al., 2024, arXiv 2404.14469): votes of a window of queries, smoothed along the sequence.
 
 score_j = avg_pool(mass_j) / count_j, where mass_j is the attention key j receives from the window's
 queries summed over the GQA group, the pooling is a 1-D average with zero padding (``kernel`` wide,
@@ -9,7 +9,6 @@ of the chunk and protects nothing, as the IMDC paper's "SnapKV" (its conv pruner
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,33 +37,15 @@ class SnapKV(Policy):
 
     def score(self, candidates: Candidates) -> torch.Tensor:
         mass, count = candidates.stats
-        batch, heads, size = mass.shape
-        pooled = F.avg_pool1d(
-            mass.reshape(batch * heads, 1, size), self.kernel, stride=1, padding=self.kernel // 2
-        ).reshape(batch, heads, size)
-        scores = pooled / count.clamp_min(1).to(pooled.dtype)
-        return scores if self.window == "chunk" else keep_recent(scores, self.window)
+        return window_votes(mass, count, self.kernel, self.window)
 
 
-@register("pyramidkv")
-@dataclass
-class PyramidKV(SnapKV):
-    """SnapKV with budgets decreasing linearly with depth; the mean over layers is the step's budget.
-
-    The lowest layer gets (2 - 1/beta)(B - w) + w tokens and the top layer (B - w)/beta + w, where B is
-    the step's budget and w the protected window (0 for ``window="chunk"``).
-    """
-
-    beta: float = 20.0
-
-    def layer_budget(self, budget: int, layer: int, num_layers: int) -> int | None:
-        window = 0 if self.window == "chunk" else self.window
-        if num_layers == 1 or budget <= window:
-            return budget
-        low = (budget - window) / self.beta
-        high = 2 * (budget - window) - low
-        exact = [high - index * (high - low) / (num_layers - 1) + window for index in range(num_layers)]
-        floors = [math.floor(value + 1e-9) for value in exact]
-        # The tokens lost to rounding go to the lowest layers: the mean stays exact and the order decreasing.
-        spare = budget * num_layers - sum(floors)
-        return floors[layer] + (1 if layer < spare else 0)
+def window_votes(mass: torch.Tensor, count: torch.Tensor, kernel: int, window: int | str) -> torch.Tensor:
+    """SnapKV's score from the window's attention mass [B, H, n] and viewer counts: pooled, per viewer,
+    the window's own tokens raised to the top (none for ``window="chunk"``)."""
+    batch, heads, size = mass.shape
+    pooled = F.avg_pool1d(
+        mass.reshape(batch * heads, 1, size), kernel, stride=1, padding=kernel // 2
+    ).reshape(batch, heads, size)
+    scores = pooled / count.clamp_min(1).to(pooled.dtype)
+    return scores if window == "chunk" else keep_recent(scores, window)

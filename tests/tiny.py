@@ -100,3 +100,30 @@ def hf_logits(directory: Path, ids: list[int]) -> torch.Tensor:
     )
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def write_calibration(llm: Any, seed: int = 0) -> Path:
+    """A calibration file for ``llm``'s checkpoint with seeded random head tables (what the head-wise
+    policies read), as ``tools.find_heads`` would write it."""
+    from engine import calibration
+
+    c = llm.config
+    generator = torch.Generator().manual_seed(seed)
+
+    def table(heads: int) -> list[list[float]]:
+        return torch.rand(c.num_layers, heads, generator=generator).tolist()
+
+    data = {
+        "format": calibration.FORMAT,
+        "model": calibration.identity(llm),
+        "reform": {"heads": [[0, "k", 0], [c.num_layers - 1, "q", 1]]},
+        "razor": {"induction": table(c.num_kv_heads), "echo": table(c.num_kv_heads)},
+        "duo": {"proxy": table(c.num_kv_heads)},
+        "compresskv": {
+            "retrieval": table(c.num_heads),
+            "layer_error": torch.rand(c.num_layers, generator=generator).tolist(),
+        },
+    }
+    path = Path(llm.path) / calibration.CHECKPOINT_FILE
+    path.write_text(json.dumps(data))
+    return path

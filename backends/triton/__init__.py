@@ -42,6 +42,8 @@ class TritonBackend(Backend):
             return "the GQA group and window must be positive"
         if spec.segments or spec.bias:
             return "its kernels do not read heads of different lengths or biased entries yet"
+        if spec.query_head_stats:
+            return "its statistics kernel sums each KV head's group"
         if not _runs_on(torch.device(spec.device)):
             return "its kernels run on CUDA devices, or interpreted on the CPU (TRITON_INTERPRET=1)"
         return None
@@ -53,8 +55,12 @@ class TritonBackend(Backend):
         result, lse = prefill.attend(q, k, v, _scale(q, scale), window, out)
         return AttentionOutput(result, lse)
 
-    def scores(self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None) -> KeyStats:
+    def scores(
+        self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None, by_query_head=False
+    ) -> KeyStats:
         _check_plain(k, bias)
+        if by_query_head:
+            raise ValueError("the triton backend's statistics are per KV head, not per query head")
         _check_inputs(q, k, None, window)
         batch, q_heads, q_len, _ = q.shape
         kv_heads, k_len = k.shape[1], k.shape[2]

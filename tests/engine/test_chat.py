@@ -151,7 +151,7 @@ def test_document_beyond_the_window_with_full_attention_gets_a_hint(tiny, tmp_pa
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--policy", "oracle"], "error: unknown policy 'oracle'; known: attn_mean, h2o"),
+        (["--policy", "oracle"], "error: unknown policy 'oracle'; known: adakv, attn_mean, compresskv"),
         (["--schedule", "weekly"], "error: unknown schedule 'weekly'; known: fixed, full, im, imdc"),
         (["--chunk", "0"], "error: chunk must be a positive number of tokens, got 0"),
         (["--memory", "-4"], "error: memory must be a non-negative number of tokens, got -4"),

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from tiny import write_tiny_checkpoint
+from tiny import write_calibration, write_tiny_checkpoint
 
 import engine
 import policies
@@ -22,7 +22,9 @@ def llm(request, tmp_path_factory):
     directory = write_tiny_checkpoint(
         tmp_path_factory.mktemp(request.param) / "ckpt", request.param, **overrides
     )
-    return engine.load(directory, backend="reference")
+    llm = engine.load(directory, backend="reference")
+    write_calibration(llm)
+    return llm
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
@@ -47,15 +49,23 @@ def test_every_policy_keeps_memory_within_budget_and_in_order(llm, name, positio
     config = PrefillConfig(schedule="fixed", policy=name, memory=12, chunk=16, sinks=3, positions=positions)
     result = llm.prefill(IDS, config)
     policy = config.build_policy()
+    policy.prepare(llm.model_facts())
     for index, layer in enumerate(result.memory.layers):
         budget = policy.layer_budget(12, index, len(result.memory.layers))
-        assert layer.length <= 3 + budget
-        positions_kept = layer.positions
-        assert (positions_kept[..., :3] == torch.arange(3)).all(), "sinks are kept first"
-        assert (positions_kept.diff(dim=-1) > 0).all(), "kept tokens stay in original order"
-        expected = torch.arange(layer.length) if positions == "compact" else positions_kept
-        assert torch.allclose(layer.rotated, llm.rope.rotate(layer.keys, expected), atol=1e-6)
-    assert all(step.memory <= 2 * 12 for step in result.steps)
+        heads = layer.segments
+        if policy.head_wise:  # heads share the layer's budget; one may keep more than another
+            assert sum(layer.lengths) <= heads * (3 + budget)
+        else:
+            assert layer.length <= 3 + budget
+        for segment in range(heads):
+            positions_kept = layer.segment(segment, "positions")
+            assert (positions_kept[:3] == torch.arange(3)).all(), "sinks are kept first"
+            assert (positions_kept.diff() > 0).all(), "kept tokens stay in original order"
+            keys = layer.segment(segment, "keys")
+            expected = torch.arange(len(keys)) if positions == "compact" else positions_kept
+            rotated = llm.rope.rotate(keys, expected)
+            assert torch.allclose(layer.segment(segment, "rotated"), rotated, atol=1e-6)
+    assert all(step.memory <= 2 * 12 * (3 if policy.head_wise else 1) for step in result.steps)
 
 
 def test_step_stats_follow_the_schedule(llm):

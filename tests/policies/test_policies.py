@@ -9,9 +9,36 @@ import backends
 import policies
 from backends import KeyStats
 from engine.cache import LayerMemory
-from policies import Candidates, PolicyError
+from policies import Candidates, ModelFacts, PolicyError, Selection
 
 REFERENCE = backends.get("reference")
+
+
+def facts(heads: int, group: int = 2, layers: int = 4) -> ModelFacts:
+    """A model of ``layers`` x ``heads`` KV heads whose calibration tables are seeded random numbers."""
+    generator = torch.Generator().manual_seed(heads * 100 + group)
+
+    def table(width: int) -> list[list[float]]:
+        return torch.rand(layers, width, generator=generator).tolist()
+
+    sections = {
+        "razor": {"induction": table(heads), "echo": table(heads)},
+        "duo": {"proxy": table(heads)},
+        "compresskv": {
+            "retrieval": table(heads * group),
+            "layer_error": torch.rand(layers, generator=generator).tolist(),
+        },
+    }
+    return ModelFacts(layers, heads * group, heads, 8, sections.__getitem__)
+
+
+def kept_mask(selection, view: Candidates) -> torch.Tensor:
+    """Any form of selection as a keep mask [B, Hkv, n]."""
+    if isinstance(selection, Selection):
+        selection = selection.keep
+    if selection.dtype == torch.bool:
+        return selection
+    return torch.zeros(view.keys.shape[:3], dtype=torch.bool).scatter_(-1, selection, True)
 
 
 def candidates(batch=1, heads=2, size=12, new=5, group=2, seed=0, layer=0, num_layers=4, step=0):
@@ -35,8 +62,11 @@ def candidates(batch=1, heads=2, size=12, new=5, group=2, seed=0, layer=0, num_l
 def prepared(name, options=None, **shape):
     policy = policies.get(name, **(options or {}))
     view, queries = candidates(**shape)
+    policy.prepare(facts(view.keys.shape[1], shape.get("group", 2), view.num_layers))
     if policy.needs.queries is not None:
-        view.stats = REFERENCE.scores(queries, view.keys, last=policy.needs.last)
+        view.stats = REFERENCE.scores(
+            queries, view.keys, last=policy.needs.last, by_query_head=policy.needs.by_query_head
+        )
     view.state = {key: torch.zeros(view.positions.shape) for key in policy.state}
     policy.update(view)
     return policy, view
@@ -59,7 +89,13 @@ def test_selection_is_sorted_unique_and_within_budget(name, size, budget, heads,
     layer_budget = policy.layer_budget(budget, layer, view.num_layers)
     if layer_budget is None or layer_budget >= size:
         return
-    keep = policy.select(view, layer_budget)
+    selection = policy.select(view, layer_budget)
+    if policy.head_wise or policy.merges:  # a mask (or a Selection): the layer's total is the bound
+        keep = kept_mask(selection, view)
+        assert keep.shape == view.keys.shape[:3]
+        assert (keep.sum(dim=(1, 2)) <= layer_budget * heads).all()
+        return
+    keep = selection
     assert keep.shape[:2] == (batch, heads) and keep.shape[-1] <= layer_budget
     assert keep.dtype == torch.long
     if keep.numel():

@@ -1,0 +1,105 @@
+"""Memory with per-head lengths, through the engine: heads of different lengths read, append, decode,
+shrink and persist as they should."""
+
+import json
+
+import pytest
+import torch
+from tiny import write_calibration, write_tiny_checkpoint
+
+import engine
+from engine import GREEDY, PrefillConfig
+from engine.calibration import CalibrationError
+from policies import PolicyError
+
+IDS = torch.randint(3, 320, (90,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+@pytest.fixture(scope="module", params=["reference", "sdpa"])
+def llm(request, tmp_path_factory):
+    directory = write_tiny_checkpoint(
+        tmp_path_factory.mktemp("ragged") / "ckpt", "mistral", sliding_window=40
+    )
+    llm = engine.load(directory, backend=request.param)
+    write_calibration(llm)
+    return llm
+
+
+def test_a_ragged_layout_reads_as_the_one_shot_prefill(llm):
+    """Heads whose entries sit in segments of different room take the per-head path; with nothing
+    evicted they must still give one-shot attention."""
+    one_shot = llm.logits(IDS)[-1]
+    config = PrefillConfig(schedule="fixed", chunk=16)
+    first = llm.prefill(IDS[:40], config)
+    for layer in first.memory.layers:
+        layer.reserve([layer.room[0] + 7 * (segment + 1) for segment in range(layer.segments)])
+        assert not layer.uniform
+    rest = llm.prefill(IDS[40:], config, memory=first.memory)
+    assert not rest.memory.layers[0].uniform
+    assert (rest.logits[0] - one_shot).abs().max() <= 1e-4
+    one_shot_tokens = llm.generate(IDS, sampling=GREEDY, max_tokens=6).token_ids
+    completion = llm.complete(rest, IDS, sampling=GREEDY, max_tokens=6)
+    assert completion.token_ids == one_shot_tokens
+
+
+def razor(recent: int) -> PrefillConfig:
+    return PrefillConfig(
+        schedule="fixed", policy="razor", memory=24, chunk=16, sinks=4,
+        policy_args={"induction": 0.5, "echo": 0.0, "recent": recent},
+    )  # fmt: skip
+
+
+def test_per_head_lengths_survive_compression_append_and_decode(llm):
+    completion = llm.generate(IDS, prefill=razor(recent=6), sampling=GREEDY, max_tokens=5, ignore_eos=True)
+    retrieval = llm.model_facts().head_table("razor", "induction").flatten().topk(2).indices
+    for index, layer in enumerate(completion.memory.layers):
+        expected = [
+            4 + (24 if index * layer.segments + head in retrieval else 6 + 1) + 5
+            for head in range(layer.segments)
+        ]
+        assert layer.lengths == expected
+        assert layer.nbytes >= sum(layer.lengths) * layer.entry_bytes()
+    assert completion.memory.seen == len(IDS) + 5
+
+
+def test_bytes_follow_the_tokens_held_summed_over_heads(llm):
+    shrunk = llm.prefill(IDS, razor(recent=6)).memory
+    rectangular = llm.prefill(
+        IDS, PrefillConfig(schedule="fixed", policy="snapkv", memory=24, chunk=16)
+    ).memory
+    for layer in shrunk.layers:  # compression leaves no spare room
+        assert layer.nbytes == sum(layer.lengths) * layer.entry_bytes()
+    assert shrunk.nbytes < rectangular.nbytes
+    assert shrunk.held_bytes() == shrunk.nbytes
+
+
+def test_a_ragged_memory_is_saved_and_restored_whole(llm):
+    memory = llm.prefill(IDS, razor(recent=6)).memory
+    again = llm.new_memory(4)
+    again.load_tensors(memory.tensors(), seen=memory.seen)
+    for mine, theirs in zip(memory.layers, again.layers, strict=True):
+        assert mine.lengths == theirs.lengths
+        for segment in range(mine.segments):
+            for kind in ("keys", "rotated", "values", "positions", "bias"):
+                assert torch.equal(mine.segment(segment, kind), theirs.segment(segment, kind))
+
+
+def test_head_wise_policies_need_the_models_calibration(tmp_path):
+    llm = engine.load(write_tiny_checkpoint(tmp_path / "bare"), backend="reference")
+    for name in ("razor", "duo", "compresskv"):
+        with pytest.raises(CalibrationError, match=r"run `python -m tools\.find_heads -m .*bare`"):
+            llm.prefill(IDS, PrefillConfig(schedule="fixed", policy=name, memory=24, chunk=16))
+    path = write_calibration(llm)
+    data = json.loads(path.read_text())
+    data["duo"]["proxy"] = data["duo"]["proxy"][:-1]  # a layer short
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        PolicyError, match=r"duo\.proxy is not a table of 2 layers x 2 heads .*tools\.find_heads"
+    ):
+        llm.prefill(IDS, PrefillConfig(schedule="fixed", policy="duo", memory=24, chunk=16))
+    path.write_text("{")
+    llm = engine.load(path.parent, backend="reference")
+    with pytest.raises(
+        CalibrationError, match=r"not valid JSON .*remake it with `python -m tools\.find_heads"
+    ):
+        llm.prefill(IDS, PrefillConfig(schedule="fixed", policy="duo", memory=24, chunk=16))
