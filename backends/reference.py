@@ -106,7 +106,8 @@ class ReferenceBackend(Backend):
         self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None, by_query_head=False
     ) -> KeyStats:
         if isinstance(k, Segments):
-            return self._segment_scores(q, k, lse, last, scale, window, by_query_head)
+            stats = self._segment_scores(q, k, lse, last, scale, window, by_query_head)
+            return KeyStats(_write(stats.mass, out), stats.count)
         batch, q_heads, lq, _ = q.shape
         kv_heads, lk = k.shape[1], k.shape[2]
         scale = _default_scale(q, scale)

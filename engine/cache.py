@@ -330,9 +330,7 @@ class LayerMemory:
         if self.uniform:
             rooms = [_grown(self.room[0] if self.room else 0, self.length + new)] * self.segments
         else:
-            rooms = [
-                _grown(room, length + new) for length, room in zip(self.lengths, self.room, strict=True)
-            ]
+            rooms = [_grown(room, length + new) for length, room in zip(self.lengths, self.room, strict=True)]
         self._repack(self._entries(), self.lengths, rooms)
 
     def _repack(self, chosen: torch.Tensor, lengths: list[int], rooms: list[int] | None = None) -> None:

@@ -8,13 +8,16 @@
 FlashAttention's rule: the error of a backend may be at most twice the error of the same math done
 in plain PyTorch in the input's dtype, plus 1e-5; NaN or mismatched infinities always fail, and
 outputs are written into views of larger NaN-filled buffers whose margins must stay bit-identical.
-The property suite in ``tests/backends`` draws its cases with Hypothesis and checks them with the
-same ``run_case``.
+Cases named ``ragged`` give each KV head its own memory length (``Segments`` in flat buffers whose
+unused rows hold NaN, so reading past a segment shows), those named ``bias`` give entries logit
+biases log n; ``--filter ragged`` or ``--filter bias`` runs just them. The property suite in
+``tests/backends`` draws its cases with Hypothesis and checks them with the same ``run_case``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -29,12 +32,12 @@ from pathlib import Path
 import torch
 
 import backends
-from backends import AttentionSpec, Backend
+from backends import AttentionSpec, Backend, Segments
 from backends.reference import visible
 from engine.cli import Parser, run_main
 from engine.registry import load_plugin
 
-OPS = ("prefill", "scores", "scores_last", "decode")
+OPS = ("prefill", "scores", "scores_last", "scores_heads", "decode")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ABSOLUTE_FLOOR = 1e-5
 # Column sums of probabilities total the number of scored rows exactly, up to float32 summation.
@@ -51,7 +54,11 @@ class CheckError(ValueError):
 
 @dataclass(frozen=True)
 class Case:
-    """One attention problem: ``q_len`` chunk queries against ``memory`` cached keys plus the chunk."""
+    """One attention problem: ``q_len`` chunk queries against ``memory`` cached keys plus the chunk.
+
+    With ``memories`` (one count per (batch, KV head), in that order) each KV head holds its own
+    number of cached keys, and the keys come as ``Segments``; ``memory`` is then unused. With
+    ``bias`` every entry carries a logit bias log n, n drawn from 1..8 (for merged entries)."""
 
     batch: int
     kv_heads: int
@@ -64,10 +71,27 @@ class Case:
     strided: bool = False  # q, k, v as [B, L, H, D] storage seen through a transpose
     last: int = 8  # rows scored by ``scores_last``
     seed: int = 0
+    memories: tuple[int, ...] | None = None  # per KV head: heads of different lengths (ragged)
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.memories is not None and len(self.memories) != self.batch * self.kv_heads:
+            raise ValueError(f"memories needs {self.batch * self.kv_heads} counts, got {len(self.memories)}")
+
+    @property
+    def ragged(self) -> bool:
+        return self.memories is not None
+
+    @property
+    def lengths(self) -> list[int]:
+        """Keys per (batch, KV head): memory + chunk."""
+        memories = self.memories or [self.memory] * (self.batch * self.kv_heads)
+        return [memory + self.q_len for memory in memories]
 
     @property
     def k_len(self) -> int:
-        return self.memory + self.q_len
+        """Keys of the longest KV head (of every head when not ragged)."""
+        return max(self.lengths)
 
     @property
     def q_heads(self) -> int:
@@ -77,12 +101,17 @@ class Case:
     def name(self) -> str:
         dtype = next(short for short, dtype in DTYPES.items() if dtype == self.dtype)
         parts = [f"b{self.batch}", f"kv{self.kv_heads}", f"g{self.group}", f"d{self.head_dim}"]
-        parts += [f"q{self.q_len}", f"m{self.memory}", f"w{self.window}" if self.window else "full", dtype]
-        return "-".join(parts + (["strided"] if self.strided else []))
+        memory = "/".join(map(str, self.memories)) if self.ragged else str(self.memory)
+        parts += [f"q{self.q_len}", f"m{memory}", f"w{self.window}" if self.window else "full", dtype]
+        flags = [("strided", self.strided), ("ragged", self.ragged), ("bias", self.bias)]
+        return "-".join(parts + [flag for flag, on in flags if on])
 
     def spec(self, op: str, device: str) -> AttentionSpec:
         stats = op.startswith("scores")
-        return AttentionSpec(self.head_dim, self.group, self.dtype, device, self.window, stats)
+        return AttentionSpec(
+            self.head_dim, self.group, self.dtype, device, self.window, stats, self.ragged, self.bias,
+            query_head_stats=op == "scores_heads",
+        )  # fmt: skip
 
     def tensors(self, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D]: standard normal, the same on every device."""
@@ -101,6 +130,40 @@ class Case:
             draw(self.kv_heads, self.k_len),
         )
 
+    def inputs(
+        self, device: str
+    ) -> tuple[torch.Tensor, torch.Tensor | Segments, torch.Tensor | None, torch.Tensor | None]:
+        """(q, k, v, bias) as a backend takes them: ``tensors`` with a bias [B, Hkv, Lk] or None, or
+        for a ragged case q, ``Segments`` (biased or not), None, None. The segments lie in their
+        flat buffers in reverse order with a gap of NaN rows (NaN biases) after each; with
+        ``strided`` the buffers are every other [D] row of their storage."""
+        q, k, v = self.tensors(device)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        if not self.ragged:
+            return q, k, v, self._biases((self.batch, self.kv_heads, self.k_len), generator, device)
+        lengths = self.lengths
+        offsets, start = [0] * len(lengths), 0
+        for s in reversed(range(len(lengths))):
+            offsets[s], start = start, start + lengths[s] + 3
+        rows = (start, 2, self.head_dim) if self.strided else (start, self.head_dim)
+        keys = torch.full(rows, float("nan"), dtype=self.dtype, device=device)
+        values = torch.full(rows, float("nan"), dtype=self.dtype, device=device)
+        keys, values = (keys[:, 0], values[:, 0]) if self.strided else (keys, values)
+        bias = self._biases((start,), generator, device)
+        for s, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
+            b, h = divmod(s, self.kv_heads)
+            # Each head's keys are the rectangular ones' last ``length``: its memory, then the chunk.
+            keys[offset : offset + length] = k[b, h, self.k_len - length :]
+            values[offset : offset + length] = v[b, h, self.k_len - length :]
+            if bias is not None:
+                bias[offset + length : offset + length + 3] = float("nan")
+        return q, Segments(keys, values, offsets, lengths, (self.batch, self.kv_heads), bias), None, None
+
+    def _biases(self, shape: tuple, generator: torch.Generator, device: str) -> torch.Tensor | None:
+        if not self.bias:
+            return None
+        return torch.randint(1, 9, shape, generator=generator).float().log().to(device)
+
 
 CASES = [
     Case(1, 1, 1, 64, q_len=1, memory=0),
@@ -112,6 +175,23 @@ CASES = [
     Case(1, 2, 2, 128, q_len=65, memory=64, dtype=torch.bfloat16, strided=True, seed=5),
     Case(1, 1, 1, 256, q_len=33, memory=33, window=1, seed=6),
     Case(1, 1, 3, 64, q_len=1, memory=200, window=64, dtype=torch.float16, last=1, seed=7),
+    # KV heads of different lengths: one holding only the chunk, one far longer than the rest.
+    Case(2, 2, 3, 64, q_len=9, memory=0, memories=(5, 0, 300, 40), dtype=torch.bfloat16, last=4, seed=8),
+    Case(1, 3, 2, 32, q_len=1, memory=0, memories=(0, 17, 260), window=48, strided=True, bias=True, seed=9),
+    Case(
+        1,
+        2,
+        4,
+        128,
+        q_len=40,
+        memory=0,
+        memories=(200, 0),
+        window=30,
+        dtype=torch.float16,
+        bias=True,
+        seed=10,
+    ),
+    Case(2, 1, 3, 16, q_len=13, memory=70, bias=True, last=5, seed=11),
 ]
 
 
@@ -127,23 +207,59 @@ def plain_attention(
     scale: float | None = None,
     window: int | None = None,
     dtype: torch.dtype | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Lq, D], lse [B, Hq, Lq], probabilities [B, Hq, Lq, Lk]), every step computed in
     ``dtype`` (default: q's): the error this has against the float32 reference is what rounding to
-    that dtype costs, and what a backend is allowed twice of."""
+    that dtype costs, and what a backend is allowed twice of. ``k`` may be ``Segments`` (``v`` is
+    then None): see ``dense``."""
+    k, v, bias = dense(k, v, bias)
     dtype = dtype or q.dtype
     group = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keys = k.to(dtype).repeat_interleave(group, dim=1)
     values = v.to(dtype).repeat_interleave(group, dim=1)
     scores = q.to(dtype) @ keys.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias.to(dtype).repeat_interleave(group, dim=1)[:, :, None]
     scores = scores.masked_fill(~visible(q.shape[2], k.shape[2], window, q.device), float("-inf"))
     probabilities = torch.softmax(scores, dim=-1)
     return probabilities @ values, torch.logsumexp(scores, dim=-1), probabilities
 
 
+def dense(
+    k: torch.Tensor | Segments, v: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(k, v, bias) as rectangular tensors: ``Segments`` left-padded to the longest with zero keys
+    and values of bias -inf. Under the bottom-right causal alignment (and the window) a query sees
+    a padded key exactly when it sees the segment's key, so the problem is the same, and each
+    segment's probabilities come out right-aligned as ``scores`` reports them."""
+    if not isinstance(k, Segments):
+        return k, v, bias
+    batch, kv_heads = k.shape
+    longest, dim = k.longest, k.keys.shape[1]
+    keys = k.keys.new_zeros(batch, kv_heads, longest, dim)
+    values = k.values.new_zeros(batch, kv_heads, longest, dim)
+    biases = torch.full((batch, kv_heads, longest), float("-inf"), device=k.keys.device)
+    for s in range(batch * kv_heads):
+        b, h = divmod(s, kv_heads)
+        segment_keys, segment_values, segment_bias = k[s]
+        start = longest - k.lengths[s]
+        keys[b, h, start:], values[b, h, start:] = segment_keys, segment_values
+        biases[b, h, start:] = 0.0 if segment_bias is None else segment_bias
+    return keys, values, biases
+
+
+def upcast(k: torch.Tensor | Segments) -> torch.Tensor | Segments:
+    """Keys (tensor or ``Segments``) in float32, as the reference gets them."""
+    if isinstance(k, Segments):
+        return dataclasses.replace(k, keys=k.keys.float(), values=k.values.float())
+    return k.float()
+
+
 def plain_mass(probabilities: torch.Tensor, kv_heads: int, first: int) -> torch.Tensor:
-    """[B, Hkv, Lk] float32: probabilities of rows ``first:`` summed over rows and each group's heads."""
+    """[B, Hkv, Lk] float32: probabilities of rows ``first:`` summed over rows and each group's heads
+    (per query head when ``kv_heads`` is the number of query heads)."""
     batch, q_heads, _, k_len = probabilities.shape
     scored = probabilities[:, :, first:].float().reshape(batch, kv_heads, q_heads // kv_heads, -1, k_len)
     return scored.sum(dim=(2, 3))
@@ -224,22 +340,25 @@ def run_case(op: str, backend: Backend, case: Case, device: str) -> list[Check] 
         raise CheckError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     if not backend.supports(case.spec(op, device)):
         return None
-    q, k, v = case.tensors(device)
+    q, k, v, bias = case.inputs(device)
     reference = backends.get("reference")
     if op == "prefill":
-        return _check_attention(backend.prefill, reference.prefill, q, k, v, case.window)
+        return _check_attention(backend.prefill, reference.prefill, q, k, v, bias, case.window)
     if op == "decode":
-        return _check_attention(backend.decode, reference.decode, q[:, :, -1:], k, v, case.window)
-    return _check_scores(backend, reference, q, k, v, case, last=case.last if op == "scores_last" else None)
+        return _check_attention(backend.decode, reference.decode, q[:, :, -1:], k, v, bias, case.window)
+    last = case.last if op in ("scores_last", "scores_heads") else None
+    return _check_scores(
+        backend, reference, q, k, v, bias, case, last=last, by_query_head=op == "scores_heads"
+    )
 
 
-def _check_attention(run: Callable, oracle: Callable, q, k, v, window: int | None) -> list[Check]:
+def _check_attention(run: Callable, oracle: Callable, q, k, v, bias, window: int | None) -> list[Check]:
     # Upcast first so that the reference output is not rounded back to q's dtype: ``ref_fp32``.
-    expected = oracle(q.float(), k.float(), v.float(), window=window)
-    plain_out, plain_lse, _ = plain_attention(q, k, v, window=window)
+    expected = oracle(q.float(), upcast(k), None if v is None else v.float(), window=window, bias=bias)
+    plain_out, plain_lse, _ = plain_attention(q, k, v, window=window, bias=bias)
     buffer, view = sentinel_view(q.shape, q.dtype, str(q.device))
     before = buffer.clone()
-    result = run(q, k, v, window=window, out=view)
+    result = run(q, k, v, window=window, out=view, **_biased(bias))
     checks = [
         compare("out", result.out, expected.out, plain_out),
         margins_check(buffer, before, view, result.out),
@@ -249,25 +368,40 @@ def _check_attention(run: Callable, oracle: Callable, q, k, v, window: int | Non
     return checks
 
 
-def _check_scores(backend: Backend, reference: Backend, q, k, v, case: Case, last: int | None) -> list[Check]:
+def _check_scores(
+    backend: Backend, reference: Backend, q, k, v, bias, case: Case, last: int | None, by_query_head: bool
+) -> list[Check]:
     """All rows use the LSE of the backend's own prefill (the engine's path); the last-w rows make the
-    backend recompute it."""
-    lse = backend.prefill(q, k, v, window=case.window).lse if last is None else None
-    expected = reference.scores(q, k, last=last, window=case.window)
+    backend recompute it. ``by_query_head``: the mass of each query head, not summed over its group."""
+    window = case.window
+    lse = backend.prefill(q, k, v, window=window, **_biased(bias)).lse if last is None else None
+    per_head = {"by_query_head": True} if by_query_head else {}
+    expected = reference.scores(q, k, last=last, window=window, bias=bias, **per_head)
     first = 0 if last is None else max(0, case.q_len - last)
-    _, _, probabilities = plain_attention(q, k, v, window=case.window)
-    buffer, view = sentinel_view((case.batch, case.kv_heads, case.k_len), torch.float32, str(q.device))
+    _, _, probabilities = plain_attention(q, k, v, window=window, bias=bias)
+    heads = case.q_heads if by_query_head else case.kv_heads
+    buffer, view = sentinel_view((case.batch, heads, case.k_len), torch.float32, str(q.device))
     before = buffer.clone()
-    result = backend.scores(q, k, lse=lse, last=last, window=case.window, out=view)
-    total = (case.q_len - first) * case.group
+    result = backend.scores(q, k, lse=lse, last=last, window=window, out=view, **_biased(bias), **per_head)
+    total = (case.q_len - first) * (1 if by_query_head else case.group)
     totals = result.mass.sum(dim=-1)
-    count_error = (result.count.cpu() - expected.count.cpu()).abs().max().item() if case.k_len else 0
     return [
-        compare("mass", result.mass, expected.mass, plain_mass(probabilities, case.kv_heads, first)),
+        compare("mass", result.mass, expected.mass, plain_mass(probabilities, heads, first)),
         Check("totals", _max_abs(totals - total), TOTAL_RELATIVE_TOLERANCE * total + ABSOLUTE_FLOOR),
-        Check("count", float(count_error), 0.0),
+        _count_check(result.count, expected.count),
         margins_check(buffer, before, view, result.mass),
     ]
+
+
+def _biased(bias: torch.Tensor | None) -> dict:
+    """The ``bias`` argument for a backend: none at all without one (for backends older than it)."""
+    return {} if bias is None else {"bias": bias}
+
+
+def _count_check(count: torch.Tensor, expected: torch.Tensor) -> Check:
+    if count.shape != expected.shape:
+        return Check("count", math.nan, 0.0, f"shape {list(count.shape)}, expected {list(expected.shape)}")
+    return Check("count", float(_max_abs((count.cpu() - expected.cpu()).float())), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +719,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     test = commands.add_parser("test", help="every backend against the reference on a fixed case list")
     test.add_argument("--op", action="append", choices=OPS, help="only this op (repeatable)")
-    test.add_argument("--filter", help="only cases whose name matches this regular expression")
+    test.add_argument(
+        "--filter",
+        help="only cases whose name matches this regular expression (e.g. 'ragged' or 'bias': KV heads "
+        "of different lengths, biased entries)",
+    )
     perf = commands.add_parser("perf", help="time per op, throughput and peak memory per backend")
     perf.add_argument("--lengths", help="key lengths (memory + chunk), comma-separated")
     perf.add_argument("--chunk", type=int, help="queries per prefill (default: the whole length)")

@@ -5,6 +5,11 @@ on a long cache. Here the visible keys are cut into splits; one program handles 
 query heads of a KV group at once (the group's rows share each K/V tile it loads) and writes a
 partial (max, sum, weighted values). A second, small kernel merges the splits of each head into the
 output and the LSE.
+
+KV heads of different lengths (``RAGGED``) are read in place from their flat buffers: the splits are
+cut for the longest, and a shorter segment's splits past its end are empty partials (max -inf, sum
+0), which the merge weighs 0. Entries may carry a logit bias (``HAS_BIAS``), added to the scaled
+score of its key.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from backends.triton.runtime import (
     INTERPRETED,
     LN2_IN_KERNEL,
     LOG2E,
+    LOG2E_IN_KERNEL,
+    Memory,
     autotune,
     dot_precision,
     length_bucket,
     rounded_to,
+    segment_span,
     tile_bytes,
 )
 
@@ -53,20 +61,16 @@ _GPU_CONFIGS = [
 @autotune(
     _GPU_CONFIGS,
     triton.Config({}, num_warps=1, num_stages=1),
-    key=["HEAD_DIM", "GROUP_ROWS", "split_bucket"],
+    key=["HEAD_DIM", "GROUP_ROWS", "split_bucket", "HAS_BIAS", "RAGGED"],
     shared_memory=_shared_memory,
 )
-@triton.jit(do_not_specialize=["splits", "first_key", "k_len", "split_len", "split_bucket"])
+@triton.jit(do_not_specialize=["splits", "window", "k_len", "split_len", "split_bucket"])
 def _split_kernel(
-    q_ptr,
     k_ptr,
     v_ptr,
-    part_m_ptr,
-    part_l_ptr,
-    part_acc_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qd,
+    bias_ptr,
+    offsets_ptr,
+    lengths_ptr,
     stride_kb,
     stride_kh,
     stride_kn,
@@ -75,16 +79,29 @@ def _split_kernel(
     stride_vh,
     stride_vn,
     stride_vd,
+    stride_bb,
+    stride_bh,
+    stride_bn,
+    q_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qd,
     kv_heads,
     group,
     splits,
-    first_key,
+    window,
     k_len,
     split_len,
     qk_scale,
     split_bucket,
     HEAD_DIM: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RAGGED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -101,9 +118,18 @@ def _split_kernel(
     q = tl.load(q_ptrs, mask=real[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    # This KV head's keys: k_len of them from entry ``first`` (its segment's own when RAGGED), of
+    # which the query (the last) sees those from first_key on.
+    first = 0
+    if RAGGED:
+        first, k_len = segment_span(offsets_ptr, lengths_ptr, tl.program_id(1))
+    first_key = tl.maximum(k_len - window, 0) if WINDOWED else 0
+    b64, h64 = batch.to(tl.int64), kv_head.to(tl.int64)
+    k_base = k_ptr + b64 * stride_kb + h64 * stride_kh + first * stride_kn
+    v_base = v_ptr + b64 * stride_vb + h64 * stride_vh + first * stride_vn
+    bias_base = bias_ptr + b64 * stride_bb + h64 * stride_bh + first * stride_bn
 
+    # A split past the end of a shorter segment is empty: its partial stays (-inf, 0, 0).
     start = first_key + split * split_len
     end = tl.minimum(start + split_len, k_len)
     m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
@@ -128,6 +154,9 @@ def _split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + key_offsets * stride_bn, mask=inside, other=0.0)
+            scores += bias.to(tl.float32)[None, :] * LOG2E_IN_KERNEL
         scores = tl.where(inside[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.math.exp2(scores - m_new[:, None])
@@ -171,6 +200,8 @@ def _merge_kernel(
     m = tl.load(part_m_ptr + part, mask=real, other=float("-inf"))
     sums = tl.load(part_l_ptr + part, mask=real, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=real[:, None], other=0.0)
+    # Padding and empty splits have max -inf and sum 0: weight 0 (every row sees its own key, so
+    # some split is not empty and m_all is finite).
     m_all = tl.max(m, 0)
     weight = tl.math.exp2(m - m_all)
     l_all = tl.sum(sums * weight, 0)
@@ -194,16 +225,15 @@ def _split_count(visible: int, block_n: int, kv_programs: int, device: torch.dev
 
 def decode(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    memory: Memory,
     scale: float,
     window: int | None,
     out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [B, Hq, 1, D] (into ``out`` when given) and float32 LSE [B, Hq, 1] of the single query
-    row at the end of the cache. The window is assumed positive and the cache non-empty."""
+    row at the end of each KV head's keys. The window is assumed positive and every head non-empty."""
     batch, q_heads, _, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    kv_heads, longest = memory.shape[1], memory.longest
     group = q_heads // kv_heads
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -211,22 +241,25 @@ def decode(
     if batch * q_heads == 0:
         return out, lse
 
-    first_key = 0 if window is None else max(0, k_len - window)
+    # Cut for the longest head's visible keys; a shorter head's splits past its end are empty.
+    visible = longest if window is None else min(longest, window)
     block_n = _block_n(head_dim)
-    splits = _split_count(k_len - first_key, block_n, batch * kv_heads, q.device)
-    split_len = triton.cdiv(triton.cdiv(k_len - first_key, splits), block_n) * block_n
-    splits = triton.cdiv(k_len - first_key, split_len)
+    splits = _split_count(visible, block_n, batch * kv_heads, q.device)
+    split_len = triton.cdiv(triton.cdiv(visible, splits), block_n) * block_n
+    splits = triton.cdiv(visible, split_len)
 
     part_m = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     _split_kernel[(splits, batch * kv_heads)](
-        q, k, v, part_m, part_l, part_acc,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
-        kv_heads, group, splits, first_key, k_len, split_len, scale * LOG2E,
+        *memory.pointers(), q, part_m, part_l, part_acc, q.stride(0), q.stride(1), q.stride(3),
+        kv_heads, group, splits, window or 0, longest, split_len, scale * LOG2E,
         length_bucket(split_len),
         HEAD_DIM=head_dim,
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
+        WINDOWED=window is not None,
+        HAS_BIAS=memory.has_bias,
+        RAGGED=memory.ragged,
         UPCAST=INTERPRETED,
         DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_N=block_n,

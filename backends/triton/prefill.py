@@ -5,6 +5,10 @@ One program owns ``BLOCK_M`` query rows of one query head and streams that head'
 its rows are never visited; blocks every row sees entirely run without a mask, only the blocks on
 the band's edges pay for one. The LSE is kept in float32 and stored in natural log. Without values
 the same kernel yields the LSE alone (what the score kernel needs when no prefill ran before it).
+
+KV heads of different lengths (``RAGGED``) are read in place from their flat buffers: each program
+looks up its segment's first entry and length and aligns its rows to that length. Entries may carry
+a logit bias (``HAS_BIAS``), added to the scaled score of its key.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from backends.triton.runtime import (
     INTERPRETED,
     LN2_IN_KERNEL,
     LOG2E,
+    LOG2E_IN_KERNEL,
+    Memory,
     autotune,
     dot_precision,
     launch_config,
     length_bucket,
     rounded_to,
+    segment_span,
     tile_bytes,
 )
 
@@ -52,10 +59,12 @@ def _attend_blocks(
     rows_at,
     k_base,
     v_base,
+    bias_base,
     stride_kn,
     stride_kd,
     stride_vn,
     stride_vd,
+    stride_bn,
     start,
     end,
     k_len,
@@ -66,6 +75,7 @@ def _attend_blocks(
     MASKED: tl.constexpr,
     WINDOWED: tl.constexpr,
     WITH_VALUES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -78,6 +88,10 @@ def _attend_blocks(
         if UPCAST:
             k = k.to(tl.float32)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            b_ptrs = bias_base + key_offsets * stride_bn
+            bias = tl.load(b_ptrs, mask=keys < k_len, other=0.0) if MASKED else tl.load(b_ptrs)
+            scores += bias.to(tl.float32)[None, :] * LOG2E_IN_KERNEL
         if MASKED:
             # Padding rows past the chunk sit beyond the last key, hence the explicit k_len test.
             seen = (keys[None, :] <= rows_at[:, None]) & (keys[None, :] < k_len)
@@ -105,20 +119,16 @@ def _attend_blocks(
 @autotune(
     _GPU_CONFIGS,
     launch_config(64, 32, 1, 1),
-    key=["HEAD_DIM", "q_len_bucket", "k_len_bucket", "WINDOWED", "WITH_VALUES"],
+    key=["HEAD_DIM", "q_len_bucket", "k_len_bucket", "WINDOWED", "WITH_VALUES", "HAS_BIAS", "RAGGED"],
     shared_memory=_shared_memory,
 )
 @triton.jit(do_not_specialize=["q_len", "k_len", "window", "q_len_bucket", "k_len_bucket"])
 def _prefill_kernel(
-    q_ptr,
     k_ptr,
     v_ptr,
-    out_ptr,
-    lse_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
+    bias_ptr,
+    offsets_ptr,
+    lengths_ptr,
     stride_kb,
     stride_kh,
     stride_kn,
@@ -127,6 +137,16 @@ def _prefill_kernel(
     stride_vh,
     stride_vn,
     stride_vd,
+    stride_bb,
+    stride_bh,
+    stride_bn,
+    q_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
     stride_ob,
     stride_oh,
     stride_om,
@@ -145,6 +165,8 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     WINDOWED: tl.constexpr,
     WITH_VALUES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RAGGED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -154,6 +176,10 @@ def _prefill_kernel(
     batch = tl.program_id(1) // q_heads
     head = tl.program_id(1) % q_heads
     kv_head = head // group
+    # This head's keys: k_len of them from entry ``first`` (its segment's own when RAGGED).
+    first = 0
+    if RAGGED:
+        first, k_len = segment_span(offsets_ptr, lengths_ptr, batch * (q_heads // group) + kv_head)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     offset = k_len - q_len
@@ -164,8 +190,10 @@ def _prefill_kernel(
     q = tl.load(q_ptrs, mask=rows[:, None] < q_len, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    b64, h64 = batch.to(tl.int64), kv_head.to(tl.int64)
+    k_base = k_ptr + b64 * stride_kb + h64 * stride_kh + first * stride_kn
+    v_base = v_ptr + b64 * stride_vb + h64 * stride_vh + first * stride_vn
+    bias_base = bias_ptr + b64 * stride_bb + h64 * stride_bh + first * stride_bn
 
     # Key index bands of this block's real rows: [lo, hi) holds every key some row sees,
     # [full_lo, full_hi) the whole key blocks that every row sees.
@@ -187,19 +215,19 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, rows_at, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        lo, full_lo, k_len, window, qk_scale,
-        HEAD_DIM, BLOCK_N, True, WINDOWED, WITH_VALUES, UPCAST, DOT_PRECISION,
+        acc, l_i, m_i, q, rows_at, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_bn, lo, full_lo, k_len, window, qk_scale,
+        HEAD_DIM, BLOCK_N, True, WINDOWED, WITH_VALUES, HAS_BIAS, UPCAST, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, rows_at, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        full_lo, full_hi, k_len, window, qk_scale,
-        HEAD_DIM, BLOCK_N, False, WINDOWED, WITH_VALUES, UPCAST, DOT_PRECISION,
+        acc, l_i, m_i, q, rows_at, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_bn, full_lo, full_hi, k_len, window, qk_scale,
+        HEAD_DIM, BLOCK_N, False, WINDOWED, WITH_VALUES, HAS_BIAS, UPCAST, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, rows_at, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        full_hi, hi, k_len, window, qk_scale,
-        HEAD_DIM, BLOCK_N, True, WINDOWED, WITH_VALUES, UPCAST, DOT_PRECISION,
+        acc, l_i, m_i, q, rows_at, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_bn, full_hi, hi, k_len, window, qk_scale,
+        HEAD_DIM, BLOCK_N, True, WINDOWED, WITH_VALUES, HAS_BIAS, UPCAST, DOT_PRECISION,
     )  # fmt: skip
 
     # A row that sees no key (only possible with window < 1) gets output 0 and LSE -inf.
@@ -217,38 +245,39 @@ def _prefill_kernel(
 
 def attend(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor | None,
+    memory: Memory,
     scale: float,
     window: int | None,
     out: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Attention output (into ``out`` when given; none when ``v`` is None) and float32 LSE [B, Hq, Lq].
+    """Attention output (into ``out`` when given; none when ``memory`` has no values) and float32 LSE
+    [B, Hq, Lq].
 
     Shapes and dtypes are the caller's to check (see ``backends.triton``).
     """
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    with_values = v is not None
+    kv_heads = memory.shape[1]
+    with_values = memory.has_values
     if with_values and out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     if q_len == 0 or batch * q_heads == 0:
         return out, lse
-    # Unused pointer arguments point at k: the kernel never touches them without values.
-    values, output = (v, out) if with_values else (k, k)
+    # Without values the kernel never touches the output: it points at q.
+    output = out if with_values else q
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads
 
     _prefill_kernel[grid](
-        q, k, values, output, lse,
-        *q.stride(), *k.stride(), *values.stride(), *output.stride(), *lse.stride(),
-        q_heads, q_heads // kv_heads, q_len, k_len, window or 0, scale * LOG2E,
-        length_bucket(q_len), length_bucket(k_len),
+        *memory.pointers(), q, output, lse, *q.stride(), *output.stride(), *lse.stride(),
+        q_heads, q_heads // kv_heads, q_len, memory.longest, window or 0, scale * LOG2E,
+        length_bucket(q_len), length_bucket(memory.longest),
         HEAD_DIM=head_dim,
         WINDOWED=window is not None,
         WITH_VALUES=with_values,
+        HAS_BIAS=memory.has_bias,
+        RAGGED=memory.ragged,
         UPCAST=INTERPRETED,
         DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip

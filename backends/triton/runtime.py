@@ -5,15 +5,22 @@ so everything here is decided once, at import. The interpreter differs from the 
 kernels must respect: it computes bfloat16 arithmetic on raw bit patterns (every load is upcast to
 float32 there, the kernels' ``UPCAST``), it truncates float32 to bfloat16 instead of rounding to
 nearest, and it cannot benchmark, so autotuning gets a single config.
+
+What the kernels share lives here too: ``Memory``, the keys, values and biases of either layout (a
+rectangle, or KV heads of different lengths in flat buffers) as one set of kernel arguments, and the
+kernel helpers that address them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from backends import Segments
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
@@ -86,3 +93,68 @@ def length_bucket(length: int) -> int:
 def tile_bytes(args: dict, tensor: str, rows: int, head_dim: int) -> int:
     """Bytes of a [rows, head_dim] tile of the tensor argument named ``tensor``."""
     return rows * head_dim * args[tensor].element_size()
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The keys, values and biases the kernels read, in one form for both layouts.
+
+    Every kernel addresses segment (b, h)'s entry j at ``b * stride_b + h * stride_h + (first + j) *
+    stride_n``. A rectangular [B, Hkv, Lk, D] memory is segments of ``Lk`` entries from ``first = 0``
+    of their (b, h) base; flat ``Segments`` buffers have batch and head strides 0, and each segment's
+    ``first`` and length come from ``spans`` (read in the kernel by ``segment_span``). Unused
+    pointers (no values, no bias, no spans) point at the keys: the kernels never read them then.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor
+    spans: torch.Tensor  # int32 [2, B * Hkv]: offsets, then lengths (RAGGED only)
+    key_strides: tuple[int, int, int, int]  # batch, head, entry, dim
+    value_strides: tuple[int, int, int, int]
+    bias_strides: tuple[int, int, int]  # batch, head, entry
+    shape: tuple[int, int]  # (B, Hkv)
+    longest: int
+    has_values: bool
+    has_bias: bool
+    ragged: bool
+
+    @classmethod
+    def of(cls, k: torch.Tensor | Segments, v: torch.Tensor | None, bias: torch.Tensor | None) -> Memory:
+        """``k`` and ``v`` [B, Hkv, Lk, D] with ``bias`` [B, Hkv, Lk] or None, or ``k`` a ``Segments``
+        (whose own bias counts; ``v`` is then ignored). Shapes are the caller's to check."""
+        if isinstance(k, Segments):
+            keys, values, bias = k.keys, k.values, k.bias
+            spans = torch.tensor([k.offsets, k.lengths], dtype=torch.int32, device=keys.device)
+            flat_bias = (0, 0, bias.stride(0)) if bias is not None else (0, 0, 0)
+            return cls(
+                keys, values, keys if bias is None else bias, spans,
+                (0, 0, *keys.stride()), (0, 0, *values.stride()), flat_bias,
+                k.shape, k.longest, True, bias is not None, True,
+            )  # fmt: skip
+        values = k if v is None else v
+        return cls(
+            k, values, k if bias is None else bias, k,
+            tuple(k.stride()), tuple(values.stride()), (0, 0, 0) if bias is None else tuple(bias.stride()),
+            (k.shape[0], k.shape[1]), k.shape[2], v is not None, bias is not None, False,
+        )  # fmt: skip
+
+    def keys_only(self) -> Memory:
+        """This memory without its values (for the LSE alone)."""
+        return replace(self, values=self.keys, value_strides=self.key_strides, has_values=False)
+
+    def pointers(self) -> tuple[torch.Tensor, ...]:
+        """The kernels' memory arguments: keys, values, bias, offsets, lengths, then their strides."""
+        offsets, lengths = (self.spans[0], self.spans[1]) if self.ragged else (self.keys, self.keys)
+        return (
+            self.keys, self.values, self.bias, offsets, lengths,
+            *self.key_strides, *self.value_strides, *self.bias_strides,
+        )  # fmt: skip
+
+
+@triton.jit
+def segment_span(offsets_ptr, lengths_ptr, segment):
+    """(first entry, entries) of ``segment`` (b * Hkv + h) of flat buffers. Kernels call it only
+    when ``RAGGED``: the interpreter pays about a millisecond for every call of a ``@triton.jit``
+    helper, and the rectangle (entry 0 of each head's base, k_len entries) needs none."""
+    return tl.load(offsets_ptr + segment).to(tl.int64), tl.load(lengths_ptr + segment)

@@ -34,6 +34,15 @@ def test_test_command_passes_every_backend_on_a_tiny_case(capsys):
     assert "pass" in results.values()
 
 
+def test_test_command_runs_ragged_and_biased_cases(capsys):
+    """KV heads of different lengths (one holding only the chunk) with biased entries, by name."""
+    assert main(["test", "--filter", "m0/17/260"]) == 0
+    rows = table_rows(capsys.readouterr().out)[2:]
+    assert rows and all(row[1].endswith("-ragged-bias") for row in rows)
+    assert {row[3] for row in rows if row[2] == "sdpa"} == {"pass"}
+    assert {row[3] for row in rows} <= {"pass", "unsupported", "unavailable"}
+
+
 class ScaledBackend(backends.Backend):
     """The reference with outputs 1% too large: a backend the harness must fail."""
 

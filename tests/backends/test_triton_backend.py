@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import backends
-from backends import AttentionSpec
+from backends import AttentionSpec, Segments
 
 triton_backend = pytest.importorskip("backends.triton")
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -27,6 +27,8 @@ def test_supports_cpu_exactly_when_interpreted(triton):
     assert triton.supports(spec) == triton_backend.INTERPRETED
     cuda = AttentionSpec(head_dim=128, group=3, dtype=torch.float16, device="cuda")
     assert triton.supports(cuda) == torch.cuda.is_available()
+    ragged = AttentionSpec(64, 3, torch.float16, "cpu", stats=True, segments=True, bias=True)
+    assert triton.supports(ragged) == triton_backend.INTERPRETED
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,36 @@ def test_rejects_bad_input_with_a_message(triton, device, shapes, options, messa
     q, k = torch.randn(q_shape, device=device), torch.randn(k_shape, device=device)
     with pytest.raises(ValueError, match=message):
         triton.prefill(q, k, k.clone(), **options)
+
+
+def _segments(lengths: list[int], rows: int, device: str, **changes) -> Segments:
+    keys = torch.randn(rows, 16, device=device)
+    offsets = [sum(lengths[:s]) for s in range(len(lengths))]
+    fields = {"offsets": offsets, "lengths": lengths, "shape": (1, len(lengths))} | changes
+    return Segments(keys, keys.clone(), **fields)
+
+
+@pytest.mark.parametrize(
+    ("segments", "options", "message"),
+    [
+        ({"lengths": [4, 2]}, {}, "cannot serve 3 queries"),
+        ({"lengths": [4, 9]}, {}, "outside the 12 rows"),
+        ({"lengths": [4, 5], "offsets": [0]}, {}, "need 2 offsets and lengths"),
+        ({"lengths": [4, 5], "shape": (2, 1)}, {}, "batch 2"),
+        ({"lengths": [4, 5], "bias": torch.zeros(11)}, {}, "bias must be a float tensor of shape \\[12\\]"),
+        ({"lengths": [4, 5]}, {"bias": torch.zeros(1, 2, 5)}, "Segments.bias"),
+    ],
+)
+def test_rejects_bad_segments_with_a_message(triton, device, segments, options, message):
+    q = torch.randn(1, 2, 3, 16, device=device)
+    with pytest.raises(ValueError, match=message):
+        triton.prefill(q, _segments(rows=12, device=device, **segments), None, **options)
+
+
+def test_rejects_a_bias_of_the_wrong_shape(triton, device):
+    q, k = torch.randn(1, 2, 4, 16, device=device), torch.randn(1, 2, 8, 16, device=device)
+    with pytest.raises(ValueError, match="bias must be"):
+        triton.prefill(q, k, k.clone(), bias=torch.zeros(1, 2, 7, device=device))
 
 
 def test_scores_are_deterministic(triton, device):
@@ -102,7 +134,7 @@ def test_explicit_interpreter_off_falls_back_to_reference_on_cpu():
     result = _python(code, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "reference"
-    assert "does not support" in result.stderr
+    assert "cannot run" in result.stderr and "TRITON_INTERPRET=1" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only switched on without a GPU")
