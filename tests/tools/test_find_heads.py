@@ -46,7 +46,9 @@ def test_a_tiny_checkpoint_gets_every_section_in_the_right_shapes(tmp_path, caps
 
 @pytest.mark.parametrize("argv", [["--methods", "oracle"], ["--duo-samples", "0"], ["--razor-length", "1"]])
 def test_bad_settings_are_one_line(argv, tmp_path, capsys):
-    assert find_heads.main(["-m", str(write_tiny_checkpoint(tmp_path / "t")), *argv]) == 2
+    directory = write_tiny_checkpoint(tmp_path / "t")
+    capsys.readouterr()
+    assert find_heads.main(["-m", str(directory), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
 
