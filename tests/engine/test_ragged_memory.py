@@ -31,10 +31,11 @@ def test_a_ragged_layout_reads_as_the_one_shot_prefill(llm):
     assert_ragged_layout_reads_as_one_shot(llm)
 
 
-def test_the_triton_kernels_read_a_ragged_layout_as_the_one_shot_prefill(llm):
-    if llm.backend != "reference":
-        pytest.skip("once is enough")
-    assert_ragged_layout_reads_as_one_shot(engine.load(llm.path, backend="triton"))
+def test_the_triton_kernels_read_a_ragged_layout_as_the_one_shot_prefill(tmp_path):
+    directory = write_tiny_checkpoint(tmp_path / "ckpt", "mistral", sliding_window=40)
+    llm = engine.load(directory, backend="triton")
+    write_calibration(llm)
+    assert_ragged_layout_reads_as_one_shot(llm)
 
 
 def assert_ragged_layout_reads_as_one_shot(llm) -> None:
