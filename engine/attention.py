@@ -169,7 +169,9 @@ class MemoryAttention:
         budget = (
             None if self.budget is None else policy.layer_budget(self.budget, layer, self.setup.num_layers)
         )
-        compress = budget is not None and max(sizes) > budget
+        # A head-wise policy may cap some heads far below the budget (a streaming head's recent window):
+        # it decides each step, not only when the longest head outgrows the budget.
+        compress = budget is not None and (max(sizes) > budget or policy.head_wise)
         observed = compress or (policy.needs.every_step and self.budget is not None)
         stats = None
         if policy.needs.queries is not None and observed:

@@ -130,8 +130,9 @@ class ModelFacts:
 class Policy:
     needs: ClassVar[Needs] = Needs()
     state: ClassVar[tuple[str, ...]] = ()
-    # Whether the policy gives heads different counts (the memory then holds them as they are) and
-    # folds entries together (attention then weighs an entry by the tokens it stands for).
+    # Whether the policy gives heads different counts (the memory then holds them as they are, and the
+    # policy is asked every step, since a head may be over its own share while the longest fits the
+    # budget) and folds entries together (attention then weighs an entry by the tokens it stands for).
     head_wise: ClassVar[bool] = False
     merges: ClassVar[bool] = False
 

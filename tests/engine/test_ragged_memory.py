@@ -72,6 +72,18 @@ def test_per_head_lengths_survive_compression_append_and_decode(llm):
     assert completion.memory.seen == len(IDS) + 5
 
 
+def test_streaming_heads_stay_at_their_window_when_the_longest_head_fits_the_budget(llm):
+    """With one retrieval head, one layer has streaming heads only, and its longest head fits a large
+    budget for several steps: its heads must still be cut to their window every step."""
+    policy_args = {"induction": 0.25, "echo": 0.0, "recent": 6}
+    config = PrefillConfig(schedule="fixed", policy="razor", memory=48, chunk=16, policy_args=policy_args)
+    memory = llm.prefill(IDS, config).memory
+    retrieval = llm.model_facts().head_table("razor", "induction").flatten().argmax()
+    for index, layer in enumerate(memory.layers):
+        for head, length in enumerate(layer.lengths):
+            assert length == (4 + 48 if index * layer.segments + head == retrieval else 4 + 6 + 1)
+
+
 def test_bytes_follow_the_tokens_held_summed_over_heads(llm):
     shrunk = llm.prefill(IDS, razor(recent=6)).memory
     rectangular = llm.prefill(
