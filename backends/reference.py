@@ -84,7 +84,9 @@ class ReferenceBackend(Backend):
                 q, k, lambda qs, ks, vs, bs: self.prefill(qs, ks, vs, scale=scale, window=window, bias=bs)
             )
             result = torch.cat([part.out for part in parts], dim=1).reshape(q.shape)
-            lse = torch.cat([part.lse for part in parts], dim=1).reshape(q.shape[:3])
+            lse = None  # a subclass's fast path may not give one
+            if parts[0].lse is not None:
+                lse = torch.cat([part.lse for part in parts], dim=1).reshape(q.shape[:3])
             return AttentionOutput(_write(result, out), lse)
         batch, q_heads, lq, dim = q.shape
         kv_heads = k.shape[1]

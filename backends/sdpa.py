@@ -11,24 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backends import AttentionOutput, AttentionSpec, KeyStats, Segments, register
-from backends.reference import ROW_TILE, ReferenceBackend, _default_scale, _write, per_segment, visible
+from backends import AttentionOutput, KeyStats, Segments, register
+from backends.reference import ROW_TILE, ReferenceBackend, _default_scale, _write, visible
 
 
 class SdpaBackend(ReferenceBackend):
     name = "sdpa"
 
-    def lacks(self, spec: AttentionSpec) -> str | None:
-        return None
-
     def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
-        if isinstance(k, Segments):
-            parts = per_segment(
-                q, k, lambda qs, ks, vs, bs: self.prefill(qs, ks, vs, scale=scale, window=window, bias=bs)
-            )
-            return AttentionOutput(
-                _write(torch.cat([p.out for p in parts], dim=1).reshape(q.shape), out), None
-            )
+        if isinstance(k, Segments):  # each segment comes back here as a plain tensor
+            return super().prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)
         lq, lk = q.shape[2], k.shape[2]
         if bias is not None:
             # A float mask adds to the scores: the bias, and -inf where a key is not visible.
