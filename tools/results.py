@@ -247,6 +247,11 @@ SMOKE_NOTE = (
     '"How to reproduce"); they show that the tool works, not what the engine achieves.'
 )
 
+PARTIAL_NOTE = (
+    "**Partial run.** The run was stopped before it measured every case (it is resumable: its "
+    "command continues it); a cell without a number is not measured yet."
+)
+
 
 # A run measured alone, compared with configs of another run on the cases both measured.
 BESIDE = {
@@ -355,8 +360,10 @@ def readme_block(docs: Path) -> str:
         tables = _tables(report)
         beside = _beside(name, reports)
         parts += [table.markdown() for table in beside] or [tables[index].markdown() for index in shown]
+        partial = " (partial run: a cell without a number is not measured yet)" if _partial(report) else ""
         parts.append(
-            f"<sub>{describe_machine(report['machine'])}, {report['date'][:10]}: `{report['command']}`</sub>"
+            f"<sub>{describe_machine(report['machine'])}, {report['date'][:10]}{partial}: "
+            f"`{report['command']}`</sub>"
         )
     if not parts:
         parts.append("No full measurement yet: see docs/RESULTS.md for the commands.")
@@ -395,7 +402,13 @@ def _section(report: dict[str, Any], docs: Path, *, smoke: bool) -> str:
     text = render(report, _tables(report))
     if report.get("plot") and (docs / report["plot"]).is_file():
         text += f"\n\n![{report['tool']}]({report['plot']})"
-    return f"{SMOKE_NOTE}\n\n{text}" if smoke else text
+    notes = [SMOKE_NOTE] * smoke + [PARTIAL_NOTE] * _partial(report)
+    return "\n\n".join([*notes, text])
+
+
+def _partial(report: dict[str, Any]) -> bool:
+    """Whether a resumable run was stopped before it measured every case."""
+    return report.get("complete") is False
 
 
 def paper_tables() -> list[Table]:

@@ -479,6 +479,13 @@ def test_results_renders_every_report_and_marks_smoke_runs(monkeypatch, tmp_path
     assert "Smoke run" not in section
     # A full run reaches the README; a smoke run does not.
     assert "| source | schedule |" in readme.read_text()
+    assert "Partial run" not in section and "partial run" not in readme.read_text()
+
+    # A resumable run stopped before its last case says so, on the page and in the README.
+    json_path.write_text(json.dumps({**report, "complete": False}))
+    assert results.main(page_args) == 0
+    section = (tmp_path / "page.md").read_text().split("SnapKV (default model)")[1].split("\n## ")[0]
+    assert "Partial run" in section and "partial run" in readme.read_text()
 
 
 def test_results_refresh_only_the_readme_block(tmp_path):
