@@ -13,7 +13,9 @@ samples. ``full`` is not run past the model's window unless ``--full-beyond-wind
 there). Prefill seconds, peak memory and the bytes of the memory kept sit beside the accuracy.
 
 A run writes its JSON after every case: the same command with the same ``--json`` continues a
-stopped run where it stopped, so a grid too long for one sitting can be run in several.
+stopped run where it stopped, so a grid too long for one sitting can be run in several. Cases run
+shortest first, every config on a case before the next case, so a stopped run has compared every
+config on the same cases.
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     done = {_key(record) for record in report["records"]}
     todo = [
         (named, case)
+        for case in sorted(cases, key=lambda case: case.length)
         for named in configs
-        for case in cases
         if (named.label, case.task, case.length, case.sample) not in done
         and _runs(named, case, settings, args)
     ]

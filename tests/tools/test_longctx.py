@@ -214,6 +214,9 @@ def test_eval_longctx_end_to_end_resumes_and_refuses_other_settings(tiny, tmp_pa
     report = json.loads(json_path.read_text())
     records = report["records"]
     assert report["complete"] and len(records) == 2 * 3 * 2
+    # Shortest first, every config on a case before the next: a stopped run compares them all.
+    assert [r["length"] for r in records] == sorted(r["length"] for r in records)
+    assert [r["config"] for r in records[:2]] == ["full", "imdc:snapkv:256:256"]
     for record in records:
         assert record["score"] == score(record["answer"], record["expected"])
         assert record["prefill_seconds"] > 0 and record["memory_bytes"] > 0
