@@ -227,8 +227,8 @@ class MemoryAttention:
         policy = self.setup.policy
         sizes = [count - sinks for count in kept]
         width = max(sizes)
-        fields = {name: memory.window(name, sinks, kept)[0] for name in ("keys", "values", "positions")}
-        valid = memory.window("positions", sinks, kept)[1]
+        positions, valid = memory.window("positions", sinks, kept)
+        fields = {name: memory.window(name, sinks, kept)[0] for name in ("keys", "values")}
         states = {name: memory.window(f"state.{name}", sinks, kept)[0] for name in policy.state}
         if stats is not None:
             mass, count = stats
@@ -238,7 +238,8 @@ class MemoryAttention:
                              _last(count[..., : count.shape[-1] - self.observers], width))  # fmt: skip
         candidates = self._candidates(
             layer, min(new, width), stats=stats, state=states, valid=None if valid.all() else valid,
-            bias=None if memory.bias_flat is None else memory.window("bias", sinks, kept)[0], **fields,
+            bias=None if memory.bias_flat is None else memory.window("bias", sinks, kept)[0],
+            positions=positions, **fields,
         )  # fmt: skip
         policy.update(candidates)
         for name, values in states.items():
@@ -265,9 +266,10 @@ class MemoryAttention:
         targets_column = into.reshape(memory.segments, -1)[segments, columns]
         offsets = torch.tensor(memory.offsets, device=keep.device)[segments] + sinks
         shift = torch.tensor(starts, device=keep.device)[segments]
-        memory.merge(offsets + targets_column - shift, offsets + columns - shift)
+        targets = offsets + targets_column - shift
+        memory.merge(targets, offsets + columns - shift)
         if self.setup.positions != "compact":  # merged keys: rotated again at their own positions
-            flat_targets = (offsets + targets_column - shift).unique()
+            flat_targets = targets.unique()
             rotated = self.setup.rope.rotate(
                 memory.flat("keys")[flat_targets], memory.flat("positions")[flat_targets]
             )

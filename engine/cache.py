@@ -304,25 +304,12 @@ class LayerMemory:
 
     def _entries(self) -> torch.Tensor:
         """Flat indices of every held entry, segment after segment."""
-        device = self._positions.device
-        if not self.segments:
-            return torch.empty(0, dtype=torch.long, device=device)
-        return torch.cat(
-            [
-                torch.arange(start, start + length, device=device)
-                for start, length in zip(self.offsets, self.lengths, strict=True)
-            ]
-        )
+        return _ranges(self.offsets, self.lengths, self._positions.device)
 
     def _slots(self, new: int) -> torch.Tensor:
         """Flat indices where each segment's next ``new`` entries go, segment after segment."""
-        device = self._positions.device
-        return torch.cat(
-            [
-                torch.arange(start + length, start + length + new, device=device)
-                for start, length in zip(self.offsets, self.lengths, strict=True)
-            ]
-        )
+        ends = [start + length for start, length in zip(self.offsets, self.lengths, strict=True)]
+        return _ranges(ends, [new] * self.segments, self._positions.device)
 
     def _grow(self, new: int) -> None:
         """Room for ``new`` more entries in every segment, and a quarter more (appends stay amortised
@@ -339,12 +326,7 @@ class LayerMemory:
         rooms = lengths if rooms is None else rooms
         total = sum(rooms)
         starts = _starts(rooms)
-        destination = torch.cat(
-            [
-                torch.arange(start, start + n, device=chosen.device)
-                for start, n in zip(starts, lengths, strict=True)
-            ]
-        )
+        destination = _ranges(starts, lengths, chosen.device)
 
         def moved(buffer: torch.Tensor) -> torch.Tensor:
             fresh = buffer.new_zeros(total, *buffer.shape[1:])
@@ -359,6 +341,14 @@ class LayerMemory:
 
     def _layout(self, lengths: list[int], rooms: list[int]) -> None:
         self.lengths, self.room, self.offsets = list(lengths), list(rooms), _starts(rooms)
+
+
+def _ranges(starts: Sequence[int], counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Flat indices ``start .. start + count - 1`` of each (start, count) pair, one after another."""
+    if not starts:
+        return torch.empty(0, dtype=torch.long, device=device)
+    pairs = zip(starts, counts, strict=True)
+    return torch.cat([torch.arange(start, start + count, device=device) for start, count in pairs])
 
 
 def _grown(room: int, needed: int) -> int:
