@@ -86,14 +86,15 @@ class MemoryAttention:
         if self.tap is not None:
             self.tap(layer, q[:, :, :new], k[:, :, :new], v[:, :, :new], self.start)
         original = self._original(new, q.device)
+        queries = q
         if layer_memory.uniform:
             cos, sin = self._angles(layer_memory.length, q.shape[2], original, q.dtype)
             q = Rope.apply(q, cos, sin)
-            layer_memory.append(k, Rope.apply(k, cos, sin), v, original)
+            layer_memory.append(k, Rope.apply(k, cos, sin), v, original, queries)
             keys, values, bias = layer_memory.rotated, layer_memory.values, layer_memory.bias
         else:
             q, rotated = self._rotate_segments(layer_memory, q, k, original)
-            layer_memory.append(k, rotated, v, original)
+            layer_memory.append(k, rotated, v, original, queries)
             keys, values, bias = self._segments(layer_memory), None, None
         attend = setup.backend.decode if q.shape[2] == 1 else setup.backend.prefill
         # Only features in use are passed: a plugin backend written for plain memories still serves them.
@@ -273,7 +274,7 @@ class MemoryAttention:
             rotated = self.setup.rope.rotate(
                 memory.flat("keys")[flat_targets], memory.flat("positions")[flat_targets]
             )
-            memory.flat("rotated")[flat_targets] = rotated
+            memory.write_rows("rotated", flat_targets, rotated)
 
     def _keep_segments(self, memory: LayerMemory, rows: list[torch.Tensor], sinks: int) -> None:
         device = memory.flat("positions").device

@@ -11,6 +11,10 @@ in flat buffers (``[capacity, D]``), segment s at ``offsets[s]`` with room for `
 When every segment has the same length and room, packed in order, the buffers are also a
 ``[B, Hkv, n, D]`` tensor: the uniform case (every built-in policy but the head-wise ones) keeps the
 plain rectangular layout and its speed. Room grows by doubling, so decode appends in amortised O(1).
+
+With ``kv_bits`` the vectors are stored quantized (``engine.kv_quant``: packed codes, a scale and a
+zero per vector, keys balanced per channel by MiKV's rule fixed on the first tokens); every read
+dequantizes, so policies and backends see vectors of the usual shape.
 """
 
 from __future__ import annotations
@@ -19,21 +23,39 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from engine.kv_quant import KVCodec, key_balancer
+
 KINDS = ("keys", "rotated", "values")
 GROWTH_MIN = 16  # entries a segment grows by at least
 
 
 class LayerMemory:
     def __init__(
-        self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        codec: KVCodec | None = None,
     ) -> None:
         self.shape = (batch, kv_heads)
         self.head_dim = head_dim
+        self.dtype = dtype
+        self.codec = codec
         segments = batch * kv_heads
         self.lengths = [0] * segments
         self.room = [0] * segments
         self.offsets = [0] * segments
-        self._vectors = {kind: torch.empty(0, head_dim, dtype=dtype, device=device) for kind in KINDS}
+        if codec is None:
+            self._vectors = {kind: torch.empty(0, head_dim, dtype=dtype, device=device) for kind in KINDS}
+        else:
+            self._vectors = {
+                kind: torch.empty(0, codec.packed_width, dtype=torch.uint8, device=device) for kind in KINDS
+            }
+        # A quantized memory's scale and zero of every vector: [C, 2] per kind.
+        self._params = {} if codec is None else {kind: codec.empty_params(device) for kind in KINDS}
+        self._balance: torch.Tensor | None = None  # keys' balancer [segments, D], from the first tokens
         self._positions = torch.empty(0, dtype=torch.long, device=device)
         self._bias: torch.Tensor | None = None  # allocated by the first entry that needs one
         self._state: dict[str, torch.Tensor] = {}
@@ -75,16 +97,16 @@ class LayerMemory:
     @property
     def keys(self) -> torch.Tensor:
         """Pre-RoPE keys [B, Hkv, n, D] (uniform memories; ``segment`` for any)."""
-        return self._dense(self._vectors["keys"])
+        return self._dense(self.flat("keys"))
 
     @property
     def rotated(self) -> torch.Tensor:
         """Keys rotated at their current attention positions [B, Hkv, n, D]."""
-        return self._dense(self._vectors["rotated"])
+        return self._dense(self.flat("rotated"))
 
     @property
     def values(self) -> torch.Tensor:
-        return self._dense(self._vectors["values"])
+        return self._dense(self.flat("values"))
 
     @property
     def positions(self) -> torch.Tensor:
@@ -106,9 +128,10 @@ class LayerMemory:
         return self._dense(self._state_buffer(name))
 
     def flat(self, kind: str) -> torch.Tensor:
-        """A buffer in the flat layout: "keys", "rotated", "values" [C, D]; "positions", "bias" [C]."""
+        """A buffer in the flat layout: "keys", "rotated", "values" [C, D]; "positions", "bias" [C].
+        A quantized memory's vectors come dequantized: a copy, written through ``write_rows``."""
         if kind in KINDS:
-            return self._vectors[kind]
+            return self._vectors[kind] if self.codec is None else self._decoded(kind)
         if kind == "positions":
             return self._positions
         if kind == "bias":
@@ -134,6 +157,30 @@ class LayerMemory:
         index, valid = self._window_index(first, stops, width)
         flat = self.flat(kind)
         flat[index[valid]] = values.reshape(-1, *flat.shape[1:])[valid.flatten()].to(flat.dtype)
+
+    def write_rows(self, kind: str, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store vectors ``rows`` [N, D] of ``kind`` at the flat indices ``index`` [N]."""
+        if self.codec is None:
+            self._vectors[kind].index_copy_(0, index, rows.to(self.dtype))
+            return
+        if kind != "values":
+            rows = rows.float() * self._balance[self._segment_of(index)]
+        codes, params = self.codec.encode(rows)
+        self._vectors[kind].index_copy_(0, index, codes)
+        self._params[kind].index_copy_(0, index, params)
+
+    def _decoded(self, kind: str) -> torch.Tensor:
+        vectors = self.codec.decode(self._vectors[kind], self._params[kind])
+        if kind != "values" and vectors.shape[0]:
+            vectors = vectors / self._balance.repeat_interleave(
+                torch.tensor(self.room, device=vectors.device), dim=0
+            )
+        return vectors.to(self.dtype)
+
+    def _segment_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The segment each flat index lies in."""
+        starts = torch.tensor(self.offsets, device=index.device)
+        return torch.bucketize(index, starts, right=True) - 1
 
     def _window_index(
         self, first: int, stops: Sequence[int], width: int
@@ -164,14 +211,22 @@ class LayerMemory:
         rotated: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
+        queries: torch.Tensor | None = None,
     ) -> None:
         """Add ``L`` new tokens to every segment: keys/rotated/values [B, Hkv, L, D], positions [L] or
-        [B, Hkv, L]; they carry no bias and zero policy state."""
+        [B, Hkv, L]; they carry no bias and zero policy state. A quantized memory fixes its keys'
+        balancer on its first tokens from them and their pre-RoPE ``queries`` [B, Hq, L, D]."""
         new = keys.shape[2]
         if any(length + new > room for length, room in zip(self.lengths, self.room, strict=True)):
             self._grow(new)
         positions = positions.expand(*self.shape, new) if positions.dim() == 1 else positions
-        if self.uniform:
+        if self.codec is not None and self._balance is None:
+            self._balance = (
+                key_balancer(queries, keys).view(self.segments, self.head_dim)
+                if queries is not None
+                else keys.new_ones(self.segments, self.head_dim, dtype=torch.float32)
+            )
+        if self.uniform and self.codec is None:
             start, end = self.length, self.length + new
             for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
                 self._dense_room(self._vectors[kind])[:, :, start:end] = data
@@ -181,7 +236,7 @@ class LayerMemory:
         else:
             index = self._slots(new)
             for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
-                self._vectors[kind].index_copy_(0, index, data.reshape(-1, self.head_dim))
+                self.write_rows(kind, index, data.reshape(-1, self.head_dim))
             self._positions.index_copy_(0, index, positions.reshape(-1))
             for buffer in self._per_entry():
                 buffer.index_fill_(0, index, 0)
@@ -192,13 +247,10 @@ class LayerMemory:
         sorted 1-D index per segment (counts of their own), in that order."""
         if isinstance(index, torch.Tensor) and self.uniform:
             kept = index.shape[-1]
-            rows = index[..., None].expand(-1, -1, -1, self.head_dim)
-            for buffer in self._vectors.values():
+            for buffer in self._rows():
                 dense = self._dense_room(buffer)
+                rows = index if buffer.dim() == 1 else index[..., None].expand(-1, -1, -1, buffer.shape[1])
                 dense[:, :, :kept] = dense[:, :, : self.length].gather(2, rows)
-            for buffer in (self._positions, *self._per_entry()):
-                dense = self._dense_room(buffer)
-                dense[:, :, :kept] = dense[:, :, : self.length].gather(2, index)
             self.lengths = [kept] * self.segments
             return
         per_segment = (
@@ -216,11 +268,9 @@ class LayerMemory:
         counts = bias.exp()
         total = counts.clone().index_add_(0, targets, counts[sources])
         for kind in ("keys", "values"):
-            vectors = self._vectors[kind]
-            weighted = vectors.float() * counts[:, None]
+            weighted = self.flat(kind).float() * counts[:, None]
             weighted.index_add_(0, targets, weighted[sources])
-            updated = weighted[targets] / total[targets, None]
-            vectors.index_copy_(0, targets, updated.to(vectors.dtype))
+            self.write_rows(kind, targets, weighted[targets] / total[targets, None])
         bias.index_copy_(0, targets, total[targets].log())
 
     def trim(self) -> None:
@@ -242,21 +292,23 @@ class LayerMemory:
 
     def set_rotated(self, rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """Rotate every segment's pre-RoPE keys again at positions 0..n_s-1 (``rotate(keys, positions)``)."""
-        if self.uniform:
+        if self.uniform and self.codec is None:
             renumbered = torch.arange(self.length, device=self._positions.device)
             self._dense_room(self._vectors["rotated"])[:, :, : self.length] = rotate(self.keys, renumbered)
             return
+        keys = self.flat("keys")
         for s in range(self.segments):
+            index = _ranges([self.offsets[s]], [self.lengths[s]], self._positions.device)
             positions = torch.arange(self.lengths[s], device=self._positions.device)
-            start = self.offsets[s]
-            self._vectors["rotated"][start : start + self.lengths[s]] = rotate(
-                self.segment(s, "keys"), positions
-            )
+            self.write_rows("rotated", index, rotate(keys[index], positions))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """Copies of every entry's tensors, segment after segment, and the segments' lengths."""
         chosen = self._entries()
         saved = {kind: buffer[chosen].clone() for kind, buffer in self._vectors.items()}
+        saved.update({f"params.{kind}": buffer[chosen].clone() for kind, buffer in self._params.items()})
+        if self._balance is not None:
+            saved["balance"] = self._balance.clone()
         saved["positions"] = self._positions[chosen].clone()
         if self._bias is not None:
             saved["bias"] = self._bias[chosen].clone()
@@ -273,6 +325,8 @@ class LayerMemory:
         )
         device = self._positions.device
         self._vectors = {kind: saved[kind].to(device).clone() for kind in KINDS}
+        self._params = {kind: saved[f"params.{kind}"].to(device).clone() for kind in self._params}
+        self._balance = saved["balance"].to(device).clone() if "balance" in saved else None
         self._positions = saved["positions"].to(device).clone()
         self._bias = saved["bias"].to(device).clone() if "bias" in saved else None
         self._state = {
@@ -286,17 +340,27 @@ class LayerMemory:
     def nbytes(self) -> int:
         """Bytes of the buffers: the entries summed over segments (not the longest segment times the
         segments), and the room kept for the next ones (none after ``trim``, at most a quarter)."""
-        tensors = [*self._vectors.values(), self._positions, *self._per_entry()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._rows())
+
+    @property
+    def vector_bytes(self) -> int:
+        """Bytes one stored key or value vector takes (codes, scale and zero when quantized)."""
+        if self.codec is not None:
+            return self.codec.vector_bytes
+        return self.head_dim * self._vectors["keys"].element_size()
 
     def entry_bytes(self) -> int:
         """Bytes of one entry in every buffer."""
-        return 3 * self.head_dim * self._vectors["keys"].element_size() + 8 + 4 * len(self._per_entry())
+        return sum(t.element_size() * (t.shape[1] if t.dim() > 1 else 1) for t in self._rows())
 
     # ---- layout
 
     def _per_entry(self) -> list[torch.Tensor]:
         return [*([self._bias] if self._bias is not None else []), *self._state.values()]
+
+    def _rows(self) -> list[torch.Tensor]:
+        """Every buffer with a row per entry."""
+        return [*self._vectors.values(), *self._params.values(), self._positions, *self._per_entry()]
 
     def _dense_room(self, flat: torch.Tensor) -> torch.Tensor:
         room = self.room[0] if self.room else 0
@@ -334,6 +398,7 @@ class LayerMemory:
             return fresh
 
         self._vectors = {kind: moved(buffer) for kind, buffer in self._vectors.items()}
+        self._params = {kind: moved(buffer) for kind, buffer in self._params.items()}
         self._positions = moved(self._positions)
         self._bias = None if self._bias is None else moved(self._bias)
         self._state = {name: moved(buffer) for name, buffer in self._state.items()}
@@ -376,9 +441,14 @@ class KVMemory:
         batch: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kv_bits: int | None = None,
     ) -> None:
         device = torch.device(device)
-        self.layers = [LayerMemory(batch, kv_heads, head_dim, dtype, device) for _ in range(num_layers)]
+        self.kv_bits = kv_bits
+        codec = None if kv_bits is None else KVCodec(kv_bits, head_dim)
+        self.layers = [
+            LayerMemory(batch, kv_heads, head_dim, dtype, device, codec) for _ in range(num_layers)
+        ]
         self.sinks = sinks
         self.seen = 0  # tokens fed so far, i.e. the original position of the next one
 
@@ -434,8 +504,7 @@ class KVMemory:
         """Bytes one more token takes over all layers and KV heads, with ``states`` policy states."""
         layer = self.layers[0]
         batch, kv_heads = layer.shape
-        element = layer.flat("keys").element_size()
-        per_head = 3 * layer.head_dim * element + layer.flat("positions").element_size() + 4 * states
+        per_head = len(KINDS) * layer.vector_bytes + layer.flat("positions").element_size() + 4 * states
         return len(self.layers) * batch * kv_heads * per_head
 
     @property

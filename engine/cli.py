@@ -67,6 +67,23 @@ def run_main(
         return 1
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"64MiB"``, ``"1.5GB"`` or ``"1000000"`` (argparse type: errors name the form)."""
+    cleaned = text.strip().upper()
+    number = cleaned.rstrip("KMGIB")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64MiB, 1.5GB or 1000000") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least one byte")
+    return int(value)
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) if str(error) else type(error).__name__
     if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:

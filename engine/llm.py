@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,11 +69,12 @@ class LLM:
             ids.append(self.tokenizer.eos_id)
         return tuple(ids)
 
-    def new_memory(self, sinks: int = 4) -> KVMemory:
+    def new_memory(self, sinks: int = 4, kv_bits: int | None = None) -> KVMemory:
         c = self.config
         return KVMemory(
-            c.num_layers, c.num_kv_heads, c.head_dim, sinks=sinks, dtype=self.dtype, device=self.device
-        )
+            c.num_layers, c.num_kv_heads, c.head_dim,
+            sinks=sinks, dtype=self.dtype, device=self.device, kv_bits=kv_bits,
+        )  # fmt: skip
 
     def attention_setup(self, policy: Policy, positions: str = "compact") -> AttentionSetup:
         """What a prefill or generation with ``policy`` runs with: the policy prepared for this model
@@ -115,6 +116,23 @@ class LLM:
         data, path = self._calibration
         return calibration.section(data, name, path, self)
 
+    def sized(self, config: PrefillConfig) -> PrefillConfig:
+        """``config`` with its byte budget (``memory_bytes``) turned into tokens of this model: the most
+        whose entries, sinks included, fit in it between steps (a step briefly holds a chunk more)."""
+        if config.memory_bytes is None:
+            return config
+        policy = config.build_policy()
+        memory = self.new_memory(config.sinks, config.kv_bits)
+        per_token = memory.bytes_per_token(len(policy.state) + policy.merges)
+        tokens = config.memory_bytes // per_token - config.sinks
+        if tokens < 1:
+            raise ValueError(
+                f"a memory of {config.memory_bytes} bytes holds {config.memory_bytes // per_token} tokens of "
+                f"this model ({per_token} bytes each, all layers), not even the {config.sinks} sinks and one "
+                f"more: give at least {(config.sinks + 1) * per_token} bytes, or quantize it (kv bits)"
+            )
+        return replace(config, memory=tokens, memory_bytes=None)
+
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Full-attention float32 logits for every position [len(ids), vocab]."""
         tokens = self._tensor(ids)
@@ -139,9 +157,9 @@ class LLM:
         a given ``memory`` is then put back as it was before the call. ``layers`` runs only the first
         layers (no logits), ``tap`` sees every layer's pre-RoPE q, k, v (both for REFORM's reading).
         """
-        config = config or PrefillConfig()
+        config = self.sized(config or PrefillConfig())
         held = memory.kept() if memory is not None and memory.seen > 0 else None
-        memory = memory if memory is not None else self.new_memory(config.sinks)
+        memory = memory if memory is not None else self.new_memory(config.sinks, config.kv_bits)
         tokens = self._tensor(ids)
         policy = config.build_policy()
         setup = self.attention_setup(policy, config.positions)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import backends
-from engine.cli import parse_options
+from engine.cli import parse_options, parse_size
 from engine.generate import Sampling
 from engine.llm import LLM, load
 from engine.prefill import FULL_SCHEDULE, NO_POLICY, PrefillConfig
@@ -20,7 +20,10 @@ from engine.reform import Reform
 from engine.registry import load_plugin
 
 REFORM_OPTIONS = [field.name for field in dataclasses.fields(Reform)]
-CLI_NAMES = {"memory": "--memory", "chunk": "--chunk", "policy": "--policy", "schedule": "--schedule"}
+CLI_NAMES = {
+    "memory": "--memory", "memory_bytes": "--memory-bytes", "chunk": "--chunk", "policy": "--policy",
+    "schedule": "--schedule",
+}  # fmt: skip
 DEFAULT_BUDGET = 1024  # tokens of --memory and --chunk when a policy is named without them
 FLOAT16_SPEEDUP = "1.5-2.7x faster CPU decode, logits within ~0.04 (docs/RESULTS.md)"
 PLUGIN_HELP = "import a module (dotted name, or a .py file) that registers policies, schedules or backends"
@@ -57,8 +60,17 @@ def add_prefill_options(p: argparse.ArgumentParser) -> None:
     long.add_argument(
         "--memory", type=int, help=f"memory budget M in tokens, sinks excluded (default {DEFAULT_BUDGET})"
     )
+    long.add_argument(
+        "--memory-bytes",
+        type=parse_size,
+        metavar="SIZE",
+        help="the memory budget in bytes instead (64MiB, 1.5GB): as many tokens as fit, at --kv-bits",
+    )
     long.add_argument("--chunk", type=int, help=f"chunk size c in tokens (default {DEFAULT_BUDGET})")
     long.add_argument("--sinks", type=int, default=4, help="first tokens never evicted")
+    long.add_argument(
+        "--kv-bits", type=int, help="store the memory's keys and values quantized to 8, 4, 3 or 2 bits"
+    )
     long.add_argument("--positions", default="compact", help="compact (renumber each step) or original")
     long.add_argument(
         "--decode-memory", type=int, help="also keep the memory within this budget while generating"
@@ -91,12 +103,14 @@ def prefill_config(args: argparse.Namespace) -> PrefillConfig:
         schedule=args.schedule,
         policy=args.policy,
         memory=args.memory,
+        memory_bytes=args.memory_bytes,
         chunk=args.chunk,
         sinks=args.sinks,
         positions=args.positions,
         policy_args=parse_options(args.policy_arg, "--policy-arg"),
         schedule_args=parse_options(args.schedule_arg, "--schedule-arg"),
         decode_memory=args.decode_memory,
+        kv_bits=args.kv_bits,
         reform=parse_options(args.reform_arg, "--reform-arg") if args.reform else None,
         names=CLI_NAMES,
     )
@@ -113,6 +127,10 @@ def build_prefill(
     """A PrefillConfig from what a user gave (None: not given), with the defaults and the refusals of
     the command line: a budget or a chunk nothing would use means the user expected compression."""
     names = names or CLI_NAMES
+    memory_bytes = fields.get("memory_bytes")
+    if memory is not None and memory_bytes is not None:
+        both = f"{names['memory']} and {names['memory_bytes']}"
+        raise ValueError(f"{both} both set the memory budget: give one")
     config = PrefillConfig(
         memory=DEFAULT_BUDGET if memory is None else memory,
         chunk=DEFAULT_BUDGET if chunk is None else chunk,
@@ -120,9 +138,10 @@ def build_prefill(
         **{key: value for key, value in fields.items() if value is not None},
     )
     if config.policy == NO_POLICY and config.decode_memory is None:
-        if memory is not None:
+        if memory is not None or memory_bytes is not None:
+            given = f"{names['memory']} {memory}" if memory is not None else names["memory_bytes"]
             raise ValueError(
-                f"{names['memory']} {memory} sets a compression budget, but no {names['policy']} chooses "
+                f"{given} sets a compression budget, but no {names['policy']} chooses "
                 f"which tokens to keep: add one, e.g. {names['policy']} snapkv (or streaming, h2o, ...)"
             )
         if chunk is not None and config.schedule == FULL_SCHEDULE:

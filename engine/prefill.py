@@ -17,6 +17,7 @@ import schedules
 from engine.attention import POSITION_MODES, AttentionSetup, MemoryAttention, Tap
 from engine.cache import KVMemory
 from engine.config import ModelConfig
+from engine.kv_quant import check_bits
 from engine.notices import notice
 from engine.peak_memory import begin_step, step_peak
 
@@ -46,7 +47,10 @@ class PrefillConfig:
     makes compression query-aware: the prompt's last ``query_window`` tokens (the question) are also
     run after every earlier chunk, and policies score with their attention. ``reform`` (an
     ``engine.reform.Reform``) reads with this memory but answers from an exact cache recomputed over
-    the tokens gathered for each question (see ``engine.reform``).
+    the tokens gathered for each question (see ``engine.reform``). ``kv_bits`` (2, 3, 4 or 8) stores
+    the memory's keys and values quantized (``engine.kv_quant``): about 2-8x more tokens per byte.
+    ``memory_bytes`` gives the budget in bytes instead: the model turns it into the most tokens whose
+    entries (sinks included, at ``kv_bits``) fit, replacing ``memory`` (``LLM.sized``).
     """
 
     schedule: str | None = None
@@ -60,9 +64,17 @@ class PrefillConfig:
     decode_memory: int | None = None
     query_window: int = 0
     reform: Reform | None = None
+    kv_bits: int | None = None
+    memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         from engine.reform import Reform
+
+        if self.kv_bits is not None:
+            check_bits(self.kv_bits)
+        size = self.memory_bytes
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"memory_bytes must be a positive number of bytes, got {self.memory_bytes!r}")
 
         if self.reform is not None and not isinstance(self.reform, Reform):
             raise ValueError(f"reform must be an engine.reform.Reform, got {self.reform!r}")
@@ -142,7 +154,7 @@ def prefill_bytes(config: ModelConfig, memory: KVMemory, plan: list[schedules.St
         return 0
     widest = memory.longest + memory.sinks + schedules.peak_span(plan)
     chunk = max(step.chunk for step in plan)
-    element = memory.layers[0].flat("keys").element_size()
+    element = memory.layers[0].dtype.itemsize
     q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     per_token = 4 * config.hidden_size + 2 * (q_size + 2 * kv_size) + 3 * config.intermediate_size
     scores = min(chunk, SCORE_ROWS) * widest * config.num_heads * 4 * 2

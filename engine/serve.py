@@ -9,8 +9,8 @@ Endpoints (llama-server's where it has them): ``GET /health``, ``GET /v1/models`
 ``data: [DONE]`` when ``stream`` is true), ``GET /metrics`` (counters, as JSON) and a chat page at
 ``/``. Requests take OpenAI's sampling fields, llama-server's ``top_k``, ``min_p`` and
 ``repeat_penalty``, and a ``prefill`` object with the chat's prefill settings (``schedule``,
-``policy``, ``memory``, ``chunk``, ``policy_args``, ``reform``...); every response carries
-``x_engine``, the numbers of its prefill and memory.
+``policy``, ``memory`` or ``memory_bytes``, ``chunk``, ``kv_bits``, ``policy_args``, ``reform``...);
+every response carries ``x_engine``, the numbers of its prefill and memory.
 
 A request whose messages extend an earlier conversation continues over that conversation's
 compressed memory and reads only the new tokens. Conversations are kept in an LRU bounded in bytes
@@ -65,6 +65,7 @@ MAX_BODY_BYTES = 8 << 20
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 PREFILL_NAMES = {
     "memory": "prefill.memory",
+    "memory_bytes": "prefill.memory_bytes",
     "chunk": "prefill.chunk",
     "policy": "prefill.policy",
     "schedule": "prefill.schedule",
@@ -107,6 +108,8 @@ class PrefillSettings(Strict):
     policy_args: dict[str, Any] = Field(default_factory=dict)
     schedule_args: dict[str, Any] = Field(default_factory=dict)
     reform: dict[str, Any] | None = None
+    kv_bits: int | None = None
+    memory_bytes: int | None = None
 
 
 class TextPart(Strict):
@@ -248,11 +251,11 @@ class Worker:
                 job.emit("error", ServeError(500, f"{type(error).__name__}: {error}"))
 
     def _answer(self, job: Job) -> None:
-        llm, tokenizer = self.llm, self.llm.tokenizer
-        settings = config_key(job.prefill)
+        llm, tokenizer, prefill = self.llm, self.llm.tokenizer, job.prefill
+        settings = config_key(prefill)
         reusable = job.prefill.reform is None
         kept = (
-            self.cache.take(job.text, settings, lambda: llm.new_memory(job.prefill.sinks))
+            self.cache.take(job.text, settings, lambda: llm.new_memory(prefill.sinks, prefill.kv_bits))
             if reusable
             else None
         )

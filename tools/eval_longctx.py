@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 _save(report, args.json)
             bar.update()
             bar.set_postfix(config=named.label, task=case.task, length=case.length)
-    skipped = [named.label for named in configs if named.label == FULL and not args.full_beyond_window]
+    skipped = [named.label for named in configs if not named.bounded and not args.full_beyond_window]
     beyond = [length for length in lengths if length > settings["window"]]
     if skipped and beyond:
         note = (
@@ -180,7 +180,7 @@ def _digest(cases: list[Case]) -> str:
 
 def _runs(named: NamedConfig, case: Case, settings: dict[str, Any], args: argparse.Namespace) -> bool:
     """Whether this config is run on this case: full attention stops at the model's window."""
-    return named.label != FULL or args.full_beyond_window or case.tokens <= settings["window"]
+    return named.bounded or args.full_beyond_window or case.tokens <= settings["window"]
 
 
 def _key(record: dict[str, Any]) -> tuple[str, str, int, int]:

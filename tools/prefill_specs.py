@@ -5,7 +5,8 @@ M, the paper's c=M); ``fixed:streaming:1024:512`` gives C explicitly; ``imdc:sna
 passes a policy option to this config alone (``--policy-arg`` passes one to every config); ``full``
 is one full-attention step with no compression. ``reform:imdc:h2o:256`` reads that way and answers
 by REFORM (``engine.reform``); its options (``gather=2048``, ``pool``, ``prefix``, ``suffix``, ...)
-sit among the policy's.
+sit among the policy's, as does ``kv_bits=4``, which stores the memory quantized
+(``engine.kv_quant``; ``full:kv_bits=4`` for full attention).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tools.report import ToolError
 
 FULL = "full"
 REFORM = "reform"
+MEMORY_OPTIONS = ("kv_bits",)  # options of the memory itself, not of the policy
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,13 @@ def parse_spec(
     text: str, *, chunk: int | None = None, policy_args: Mapping[str, Any] | None = None
 ) -> NamedConfig:
     text = text.strip()
-    if text == FULL:
-        return NamedConfig(FULL, PrefillConfig())
     parts = text.split(":")
+    if parts[0] == FULL and all("=" in part for part in parts[1:]):
+        options = parse_options(parts[1:], f"config {text!r}")
+        try:
+            return NamedConfig(text, PrefillConfig(**_memory_options(options, text)))
+        except ValueError as error:
+            raise ToolError(f"config {text!r}: {error}") from None
     answering = parts[0] == REFORM
     if answering:
         parts = parts[1:]
@@ -62,15 +68,25 @@ def parse_spec(
     size = rest[0] if rest else chunk or memory
     options = {**(policy_args or {}), **parse_options(own, f"config {text!r}")}
     reform_args = {key: options.pop(key) for key in REFORM_OPTIONS if key in options} if answering else {}
+    memory_options = _memory_options(options, text)
     try:
         config = PrefillConfig(
             schedule=schedule, policy=policy, memory=memory, chunk=size, policy_args=options,
-            reform=reform_options(reform_args) if answering else None,
+            reform=reform_options(reform_args) if answering else None, **memory_options,
         )  # fmt: skip
     except ValueError as error:
         raise ToolError(f"config {text!r}: {error}") from None
     label = ":".join([*([REFORM] if answering else []), schedule, policy, str(memory), str(size), *own])
     return NamedConfig(label, config)
+
+
+def _memory_options(options: dict[str, Any], text: str) -> dict[str, Any]:
+    """Take the memory's own options (``kv_bits``) out of ``options``; a full config has no others."""
+    taken = {key: options.pop(key) for key in MEMORY_OPTIONS if key in options}
+    if text.split(":")[0] == FULL and options:
+        allowed, given = ", ".join(MEMORY_OPTIONS), ", ".join(options)
+        raise ToolError(f"config {text!r}: full attention takes only {allowed}, not {given}")
+    return taken
 
 
 def parse_specs(
