@@ -59,13 +59,14 @@ LLAMA_CPP = "llama.cpp"
 ENGINES = ("ours", "transformers", "llama.cpp")
 BF16 = torch.cpu._is_avx512_bf16_supported()  # the packed int8/int4 kernels are fast with bf16 activations
 ACTIVATIONS = "bfloat16" if BF16 else "float32"
+SHORT = {"bfloat16": "bf16", "float32": "fp32"}[ACTIVATIONS]
 # --weight-dtypes entry -> (weight format, activations dtype, label)
 FORMATS = {
     "float32": ("float32", "float32", "fp32"),
     "float16": ("float16", "float32", "fp16 weights"),
     "bfloat16": ("bfloat16", "bfloat16", "bf16"),
-    "int8": ("int8", ACTIVATIONS, f"int8 weights ({ACTIVATIONS[:4].replace('floa', 'fp32')})"),
-    "int4": ("int4", ACTIVATIONS, f"int4 weights ({ACTIVATIONS[:4].replace('floa', 'fp32')})"),
+    "int8": ("int8", ACTIVATIONS, f"int8 weights, {SHORT} activations"),
+    "int4": ("int4", ACTIVATIONS, f"int4 weights, {SHORT} activations"),
     "gguf": (None, ACTIVATIONS, "GGUF direct"),
 }
 ACCURACY_PROMPTS = 2  # prompts of ACCURACY_TOKENS tokens whose logits each format is compared on
@@ -508,9 +509,14 @@ def _weights_table(report: dict[str, Any]) -> Table:
 def draw(pyplot, report: dict[str, Any]):
     settings, rows = report["settings"], report["rows"]
     figure, axis = pyplot.subplots(figsize=(7, 4.5))
-    for engine in settings["engines"]:
+    colors = pyplot.get_cmap("tab20").colors  # a colour per engine: more engines than the default cycle
+    for index, engine in enumerate(settings["engines"]):
         points = sorted((r["length"], r["decode_tok_s"]) for r in rows if r["engine"] == engine)
-        axis.plot(*zip(*points, strict=True), marker="o", label=engine)
+        bounded = not engine.endswith(" full") and engine.startswith("ours")
+        axis.plot(
+            *zip(*points, strict=True), marker="o", label=engine, color=colors[index % len(colors)],
+            linestyle="--" if bounded else "-",
+        )  # fmt: skip
     axis.set_xscale("log", base=2)
     axis.set_xticks(settings["lengths"], [str(length) for length in settings["lengths"]])
     axis.minorticks_off()

@@ -368,13 +368,15 @@ def test_bench_generate_against_transformers_and_llama_cpp(tiny_gguf, tmp_path: 
     argv += ["--configs", "full,imdc:snapkv:16", "--threads", "2"]
     assert bench_generate.main([*argv, "--json", str(json_path), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "Decode tokens/s by prompt length" in out and "(×1.00)" in out
+    assert "Decode tokens/s by prompt length" in out and "×cpp 1.00)" in out
     report = json.loads(json_path.read_text())
     _check_common(report, png, "bench_generate")
     engines = report["settings"]["engines"]
-    assert len(engines) == 6 and "transformers fp32" in engines and engines[-1].startswith("llama.cpp")
+    formats = len(report["settings"]["formats"])  # each with both configs, then the two peers
+    assert len(engines) == 2 * formats + 2 and engines[-2:] == ["transformers fp32", engines[-1]]
+    assert engines[-1].startswith("llama.cpp")
     rows = report["rows"]
-    assert len(rows) == 2 * 6
+    assert len(rows) == 2 * len(engines)
     for row in rows:
         peer = next(r for r in rows if r["engine"] == "transformers fp32" and r["length"] == row["length"])
         assert row["prefill_tok_s"] == pytest.approx(row["length"] / row["prefill_seconds"])
