@@ -170,9 +170,11 @@ class MemoryAttention:
         budget = (
             None if self.budget is None else policy.layer_budget(self.budget, layer, self.setup.num_layers)
         )
-        # A head-wise policy may cap some heads far below the budget (a streaming head's recent window):
-        # it decides each step, not only when the longest head outgrows the budget.
-        compress = budget is not None and (max(sizes) > budget or policy.head_wise)
+        # A head-wise policy may cap some heads far below the budget (a streaming head's recent window),
+        # a demoting one fill its full-precision share before the budget: they decide each step, not
+        # only when the longest head outgrows the budget.
+        every_step = policy.head_wise or policy.low_bits is not None
+        compress = budget is not None and (max(sizes) > budget or every_step)
         observed = compress or (policy.needs.every_step and self.budget is not None)
         stats = None
         if policy.needs.queries is not None and observed:
@@ -184,7 +186,7 @@ class MemoryAttention:
         memory.truncate(kept)
         if not observed:
             return
-        if memory.uniform and not (policy.head_wise or policy.merges):
+        if memory.uniform and not (policy.head_wise or policy.merges or policy.low_bits is not None):
             self._select_uniform(layer, memory, stats, sinks, kept[0], new, compress, budget)
         else:
             self._select_segments(layer, memory, stats, sinks, kept, new, compress, budget)
@@ -240,6 +242,7 @@ class MemoryAttention:
         candidates = self._candidates(
             layer, min(new, width), stats=stats, state=states, valid=None if valid.all() else valid,
             bias=None if memory.bias_flat is None else memory.window("bias", sinks, kept)[0],
+            low=None if memory.low is None else memory.window("low", sinks, kept)[0] & valid,
             positions=positions, **fields,
         )  # fmt: skip
         policy.update(candidates)
@@ -248,7 +251,12 @@ class MemoryAttention:
         if not compress:
             return
         selection = policy.select(candidates, budget)
-        keep, into = _checked_selection(selection, candidates, budget, policy)
+        keep, into, low = _checked_selection(selection, candidates, budget, policy)
+        if low is not None and memory.low is None:
+            raise PolicyError(
+                f"policy {type(policy).__name__} demotes entries, but this memory has no low-precision "
+                "tier: make it with the policy's low_bits (LLM.memory_for)"
+            )
         starts = [width - size for size in sizes]
         if into is not None:
             self._merge(memory, keep, into, valid, sinks, starts)
@@ -256,7 +264,15 @@ class MemoryAttention:
             (row.nonzero()[:, 0] - start)
             for row, start in zip(keep.reshape(memory.segments, -1), starts, strict=True)
         ]
-        self._keep_segments(memory, rows, sinks)
+        demoted = None
+        if low is not None:  # each segment's demoted entries, counted among the entries it keeps
+            demoted = [
+                flags[kept_row].nonzero()[:, 0]
+                for flags, kept_row in zip(
+                    low.reshape(memory.segments, -1), keep.reshape(memory.segments, -1), strict=True
+                )
+            ]
+        self._keep_segments(memory, rows, sinks, demoted)
 
     def _merge(self, memory, keep, into, valid, sinks, starts) -> None:
         """Fold the dropped candidates that have a target into it (flat indices of the memory)."""
@@ -276,10 +292,20 @@ class MemoryAttention:
             )
             memory.write_rows("rotated", flat_targets, rotated)
 
-    def _keep_segments(self, memory: LayerMemory, rows: list[torch.Tensor], sinks: int) -> None:
+    def _keep_segments(
+        self,
+        memory: LayerMemory,
+        rows: list[torch.Tensor],
+        sinks: int,
+        demoted: list[torch.Tensor] | None = None,
+    ) -> None:
+        """Keep the candidates ``rows`` of each segment (and the sinks); ``demoted``: which of the kept
+        (their ranks among them) go to the low tier."""
         device = memory.flat("positions").device
         sink_index = torch.arange(sinks, device=device)
         memory.keep([torch.cat((sink_index, row + sinks)) for row in rows])
+        if demoted is not None:
+            memory.demote(torch.cat([memory.offsets[s] + sinks + ranks for s, ranks in enumerate(demoted)]))
         if self.setup.positions == "compact":
             memory.set_rotated(self.setup.rope.rotate)
 
@@ -298,15 +324,16 @@ def _last(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 def _checked_selection(
     selection, candidates: Candidates, budget: int, policy: Policy
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A selection as a keep mask [B, Hkv, n] over real candidates and its merge targets, checked:
-    the heads' total within the layer's budget times the heads (a head may keep more than ``budget``
-    when others keep less), merge targets kept entries of the same head."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A selection as a keep mask [B, Hkv, n] over real candidates, its merge targets and its demoted
+    entries, checked: the heads' total within the layer's budget times the heads (a head may keep
+    more than ``budget`` when others keep less), merge targets kept entries of the same head, demoted
+    entries kept ones."""
     name = type(policy).__name__
     shape = tuple(candidates.keys.shape[:3])
-    into = None
+    into = low = None
     if isinstance(selection, Selection):
-        selection, into = selection.keep, selection.into
+        selection, into, low = selection.keep, selection.into, selection.low
     if isinstance(selection, torch.Tensor) and selection.dtype != torch.bool:
         index = _checked(selection, budget, shape[2], policy, shape[:2])
         selection = torch.zeros(shape, dtype=torch.bool, device=index.device).scatter_(-1, index, True)
@@ -331,7 +358,12 @@ def _checked_selection(
         if (folded & ~selection.gather(-1, targets)).any():
             raise PolicyError(f"policy {name} folds entries into ones it does not keep")
         into = into.long()
-    return selection, into
+    if low is not None:
+        if low.shape != selection.shape or low.dtype != torch.bool:
+            raise PolicyError(f"policy {name} returned a low tier that is not a bool mask of shape {shape}")
+        if (low & ~selection).any():
+            raise PolicyError(f"policy {name} demotes entries it does not keep")
+    return selection, into, low
 
 
 def _checked(

@@ -15,6 +15,12 @@ plain rectangular layout and its speed. Room grows by doubling, so decode append
 With ``kv_bits`` the vectors are stored quantized (``engine.kv_quant``: packed codes, a scale and a
 zero per vector, keys balanced per channel by MiKV's rule fixed on the first tokens); every read
 dequantizes, so policies and backends see vectors of the usual shape.
+
+With a ``low`` codec the memory has two tiers (MiKV): an entry's vectors sit either in the full-precision
+store or, once ``demote``d, in the quantized one, and never move back up. The stores are not in entry
+order: each entry's ``slot`` says where its vectors are (``slot >= 0``: row ``slot`` of the full-precision
+store; ``slot < 0``: row ``-1 - slot`` of the quantized one), so every other operation (keep, merge,
+windows, state) works on entries as in a one-tier memory. Reads assemble the entries' vectors in order.
 """
 
 from __future__ import annotations
@@ -38,11 +44,15 @@ class LayerMemory:
         dtype: torch.dtype,
         device: torch.device,
         codec: KVCodec | None = None,
+        low: KVCodec | None = None,
     ) -> None:
+        if codec is not None and low is not None:
+            raise ValueError("a memory is either quantized whole (codec) or in two tiers (low), not both")
         self.shape = (batch, kv_heads)
         self.head_dim = head_dim
         self.dtype = dtype
         self.codec = codec
+        self.low = low
         segments = batch * kv_heads
         self.lengths = [0] * segments
         self.room = [0] * segments
@@ -53,8 +63,15 @@ class LayerMemory:
             self._vectors = {
                 kind: torch.empty(0, codec.packed_width, dtype=torch.uint8, device=device) for kind in KINDS
             }
-        # A quantized memory's scale and zero of every vector: [C, 2] per kind.
-        self._params = {} if codec is None else {kind: codec.empty_params(device) for kind in KINDS}
+        quantized = codec or low
+        # Codes of the low tier (``_vectors`` then holds the full-precision tier), and the scale and
+        # zero of every quantized vector: [C, 2] per kind (in entry order when the whole memory is).
+        self._codes = {} if low is None else {
+            kind: torch.empty(0, low.packed_width, dtype=torch.uint8, device=device) for kind in KINDS
+        }  # fmt: skip
+        self._params = {} if quantized is None else {kind: quantized.empty_params(device) for kind in KINDS}
+        self._slot = None if low is None else torch.empty(0, dtype=torch.int32, device=device)
+        self._tiers_cache: tuple | None = None
         self._balance: torch.Tensor | None = None  # keys' balancer [segments, D], from the first tokens
         self._positions = torch.empty(0, dtype=torch.long, device=device)
         self._bias: torch.Tensor | None = None  # allocated by the first entry that needs one
@@ -131,9 +148,13 @@ class LayerMemory:
         """A buffer in the flat layout: "keys", "rotated", "values" [C, D]; "positions", "bias" [C].
         A quantized memory's vectors come dequantized: a copy, written through ``write_rows``."""
         if kind in KINDS:
+            if self.low is not None:
+                return self._assembled(kind)
             return self._vectors[kind] if self.codec is None else self._decoded(kind)
         if kind == "positions":
             return self._positions
+        if kind == "low":  # which entries are in the low tier
+            return self._slot < 0 if self._slot is not None else torch.zeros_like(self._positions).bool()
         if kind == "bias":
             return self._bias_buffer()
         return self._state_buffer(kind.removeprefix("state."))
@@ -159,15 +180,44 @@ class LayerMemory:
         flat[index[valid]] = values.reshape(-1, *flat.shape[1:])[valid.flatten()].to(flat.dtype)
 
     def write_rows(self, kind: str, index: torch.Tensor, rows: torch.Tensor) -> None:
-        """Store vectors ``rows`` [N, D] of ``kind`` at the flat indices ``index`` [N]."""
+        """Store vectors ``rows`` [N, D] of ``kind`` at the flat indices ``index`` [N] (held entries, or
+        slots ``append`` is filling), each in its entry's tier."""
+        if self.low is not None:
+            slots = self._slot[index].long()
+            high = slots >= 0
+            self._vectors[kind].index_copy_(0, slots[high], rows[high].to(self.dtype))
+            if not high.all():
+                low_rows = -1 - slots[~high]
+                codes, params = self._encoded(kind, index[~high], rows[~high], self.low)
+                self._codes[kind].index_copy_(0, low_rows, codes)
+                self._params[kind].index_copy_(0, low_rows, params)
+            return
         if self.codec is None:
             self._vectors[kind].index_copy_(0, index, rows.to(self.dtype))
             return
-        if kind != "values":
-            rows = rows.float() * self._balance[self._segment_of(index)]
-        codes, params = self.codec.encode(rows)
+        codes, params = self._encoded(kind, index, rows, self.codec)
         self._vectors[kind].index_copy_(0, index, codes)
         self._params[kind].index_copy_(0, index, params)
+
+    def demote(self, index: torch.Tensor) -> None:
+        """Move the held entries ``index`` (flat) that are still at full precision to the low tier."""
+        slots = self._slot[index].long()
+        index, slots = index[slots >= 0], slots[slots >= 0]
+        start = self._codes["keys"].shape[0]
+        for kind in KINDS:
+            codes, params = self._encoded(kind, index, self._vectors[kind][slots], self.low)
+            self._codes[kind] = torch.cat((self._codes[kind], codes))
+            self._params[kind] = torch.cat((self._params[kind], params))
+        self._slot[index] = (-1 - torch.arange(start, start + index.numel(), device=index.device)).int()
+        self._compact_stores()
+
+    def _encoded(
+        self, kind: str, index: torch.Tensor, rows: torch.Tensor, codec: KVCodec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and params of the vectors ``rows`` of the entries ``index``, keys balanced first."""
+        if kind != "values":
+            rows = rows.float() * self._balance[self._segment_of(index)]
+        return codec.encode(rows)
 
     def _decoded(self, kind: str) -> torch.Tensor:
         vectors = self.codec.decode(self._vectors[kind], self._params[kind])
@@ -176,6 +226,43 @@ class LayerMemory:
                 torch.tensor(self.room, device=vectors.device), dim=0
             )
         return vectors.to(self.dtype)
+
+    def _assembled(self, kind: str) -> torch.Tensor:
+        """A two-tier memory's vectors of ``kind`` in entry order [C, D], the low tier's dequantized."""
+        high_entries, high_rows, low_entries, low_rows, low_balance = self._tier_rows()
+        out = self._vectors[kind].new_empty(self._positions.shape[0], self.head_dim)
+        out[high_entries] = self._vectors[kind][high_rows]
+        vectors = self.low.decode(self._codes[kind][low_rows], self._params[kind][low_rows])
+        out[low_entries] = (vectors if kind == "values" else vectors / low_balance).to(self.dtype)
+        return out
+
+    def _tier_rows(self) -> tuple[torch.Tensor, ...]:
+        """Where each tier's rows go among the entries: high entries and their store rows, low entries,
+        their store rows and their keys' balancer. Made once per change of the memory (a decode step
+        reads rotated keys and values with the same): whatever moves a slot drops it."""
+        key = (tuple(self.lengths), tuple(self.offsets))
+        if self._tiers_cache is None or self._tiers_cache[0] != key:
+            held = self._entries()
+            slots = self._slot[held].long()
+            high = slots >= 0
+            low_entries = held[~high]
+            balance = self._balance[self._segment_of(low_entries)] if self._balance is not None else None
+            self._tiers_cache = (key, (held[high], slots[high], low_entries, -1 - slots[~high], balance))
+        return self._tiers_cache[1]
+
+    def _compact_stores(self) -> None:
+        """Drop the tiers' rows no held entry points at (evicted, demoted or forgotten entries)."""
+        held = self._entries()
+        slots = self._slot[held].long()
+        high = slots >= 0
+        device = held.device
+        self._vectors = {kind: store[slots[high]] for kind, store in self._vectors.items()}
+        low_rows = -1 - slots[~high]
+        self._codes = {kind: store[low_rows] for kind, store in self._codes.items()}
+        self._params = {kind: store[low_rows] for kind, store in self._params.items()}
+        self._slot[held[high]] = torch.arange(int(high.sum()), device=device, dtype=torch.int32)
+        self._slot[held[~high]] = -1 - torch.arange(int((~high).sum()), device=device, dtype=torch.int32)
+        self._tiers_cache = None
 
     def _segment_of(self, index: torch.Tensor) -> torch.Tensor:
         """The segment each flat index lies in."""
@@ -220,13 +307,13 @@ class LayerMemory:
         if any(length + new > room for length, room in zip(self.lengths, self.room, strict=True)):
             self._grow(new)
         positions = positions.expand(*self.shape, new) if positions.dim() == 1 else positions
-        if self.codec is not None and self._balance is None:
+        if (self.codec is not None or self.low is not None) and self._balance is None:
             self._balance = (
                 key_balancer(queries, keys).view(self.segments, self.head_dim)
                 if queries is not None
                 else keys.new_ones(self.segments, self.head_dim, dtype=torch.float32)
             )
-        if self.uniform and self.codec is None:
+        if self.uniform and self._direct:
             start, end = self.length, self.length + new
             for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
                 self._dense_room(self._vectors[kind])[:, :, start:end] = data
@@ -235,6 +322,14 @@ class LayerMemory:
                 self._dense_room(buffer)[:, :, start:end] = 0
         else:
             index = self._slots(new)
+            if self.low is not None:  # new entries arrive at full precision
+                start = self._vectors["keys"].shape[0]
+                for kind in KINDS:
+                    self._vectors[kind] = torch.cat(
+                        (self._vectors[kind], self._vectors[kind].new_empty(index.numel(), self.head_dim))
+                    )
+                self._slot[index] = torch.arange(start, start + index.numel(), device=index.device).int()
+                self._tiers_cache = None
             for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
                 self.write_rows(kind, index, data.reshape(-1, self.head_dim))
             self._positions.index_copy_(0, index, positions.reshape(-1))
@@ -252,6 +347,8 @@ class LayerMemory:
                 rows = index if buffer.dim() == 1 else index[..., None].expand(-1, -1, -1, buffer.shape[1])
                 dense[:, :, :kept] = dense[:, :, : self.length].gather(2, rows)
             self.lengths = [kept] * self.segments
+            if self.low is not None:
+                self._compact_stores()
             return
         per_segment = (
             list(index.reshape(self.segments, -1)) if isinstance(index, torch.Tensor) else list(index)
@@ -277,6 +374,8 @@ class LayerMemory:
         """Give back the room beyond the entries held (after a prefill: decode grows it again)."""
         if self.room != self.lengths:
             self._repack(self._entries(), self.lengths)
+        elif self.low is not None:
+            self._compact_stores()
 
     def reserve(self, rooms: int | Sequence[int]) -> None:
         """Room for at least ``rooms`` entries in every segment (one count, or one per segment)."""
@@ -292,7 +391,7 @@ class LayerMemory:
 
     def set_rotated(self, rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """Rotate every segment's pre-RoPE keys again at positions 0..n_s-1 (``rotate(keys, positions)``)."""
-        if self.uniform and self.codec is None:
+        if self.uniform and self._direct:
             renumbered = torch.arange(self.length, device=self._positions.device)
             self._dense_room(self._vectors["rotated"])[:, :, : self.length] = rotate(self.keys, renumbered)
             return
@@ -305,8 +404,15 @@ class LayerMemory:
     def snapshot(self) -> dict[str, torch.Tensor]:
         """Copies of every entry's tensors, segment after segment, and the segments' lengths."""
         chosen = self._entries()
-        saved = {kind: buffer[chosen].clone() for kind, buffer in self._vectors.items()}
-        saved.update({f"params.{kind}": buffer[chosen].clone() for kind, buffer in self._params.items()})
+        if self.low is not None:  # the tiers' stores hold only what the entries point at
+            self._compact_stores()
+            saved = {kind: buffer.clone() for kind, buffer in self._vectors.items()}
+            saved.update({f"codes.{kind}": buffer.clone() for kind, buffer in self._codes.items()})
+            saved.update({f"params.{kind}": buffer.clone() for kind, buffer in self._params.items()})
+            saved["slot"] = self._slot[chosen].clone()
+        else:
+            saved = {kind: buffer[chosen].clone() for kind, buffer in self._vectors.items()}
+            saved.update({f"params.{kind}": buffer[chosen].clone() for kind, buffer in self._params.items()})
         if self._balance is not None:
             saved["balance"] = self._balance.clone()
         saved["positions"] = self._positions[chosen].clone()
@@ -326,6 +432,9 @@ class LayerMemory:
         device = self._positions.device
         self._vectors = {kind: saved[kind].to(device).clone() for kind in KINDS}
         self._params = {kind: saved[f"params.{kind}"].to(device).clone() for kind in self._params}
+        self._codes = {kind: saved[f"codes.{kind}"].to(device).clone() for kind in self._codes}
+        self._slot = None if self._slot is None else saved["slot"].to(device).clone()
+        self._tiers_cache = None
         self._balance = saved["balance"].to(device).clone() if "balance" in saved else None
         self._positions = saved["positions"].to(device).clone()
         self._bias = saved["bias"].to(device).clone() if "bias" in saved else None
@@ -340,7 +449,22 @@ class LayerMemory:
     def nbytes(self) -> int:
         """Bytes of the buffers: the entries summed over segments (not the longest segment times the
         segments), and the room kept for the next ones (none after ``trim``, at most a quarter)."""
-        return sum(t.numel() * t.element_size() for t in self._rows())
+        return sum(t.numel() * t.element_size() for t in (*self._rows(), *self._stores()))
+
+    def held_bytes(self) -> int:
+        """Bytes of the entries held, without the room kept for more (each in its own tier)."""
+        held = sum(self.lengths)
+        if self.low is None:
+            return held * self.entry_bytes()
+        low = int((self._slot[self._entries()] < 0).sum())
+        return held * self.entry_bytes() + len(KINDS) * (
+            (held - low) * self.vector_bytes + low * self.low.vector_bytes
+        )
+
+    @property
+    def _direct(self) -> bool:
+        """Every entry's vectors are stored as they are, in entry order (one full-precision tier)."""
+        return self.codec is None and self.low is None
 
     @property
     def vector_bytes(self) -> int:
@@ -349,8 +473,14 @@ class LayerMemory:
             return self.codec.vector_bytes
         return self.head_dim * self._vectors["keys"].element_size()
 
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of an entry's position (and tier slot)."""
+        slot = 0 if self._slot is None else self._slot.element_size()
+        return self._positions.element_size() + slot
+
     def entry_bytes(self) -> int:
-        """Bytes of one entry in every buffer."""
+        """Bytes of one entry in every buffer in entry order (a two-tier memory's vectors are not)."""
         return sum(t.element_size() * (t.shape[1] if t.dim() > 1 else 1) for t in self._rows())
 
     # ---- layout
@@ -359,8 +489,16 @@ class LayerMemory:
         return [*([self._bias] if self._bias is not None else []), *self._state.values()]
 
     def _rows(self) -> list[torch.Tensor]:
-        """Every buffer with a row per entry."""
+        """Every buffer with a row per entry, in entry order."""
+        if self.low is not None:
+            return [self._positions, self._slot, *self._per_entry()]
         return [*self._vectors.values(), *self._params.values(), self._positions, *self._per_entry()]
+
+    def _stores(self) -> list[torch.Tensor]:
+        """A two-tier memory's vector stores (not in entry order)."""
+        if self.low is None:
+            return []
+        return [*self._vectors.values(), *self._codes.values(), *self._params.values()]
 
     def _dense_room(self, flat: torch.Tensor) -> torch.Tensor:
         room = self.room[0] if self.room else 0
@@ -397,12 +535,17 @@ class LayerMemory:
             fresh[destination] = buffer[chosen]
             return fresh
 
-        self._vectors = {kind: moved(buffer) for kind, buffer in self._vectors.items()}
-        self._params = {kind: moved(buffer) for kind, buffer in self._params.items()}
+        if self.low is None:
+            self._vectors = {kind: moved(buffer) for kind, buffer in self._vectors.items()}
+            self._params = {kind: moved(buffer) for kind, buffer in self._params.items()}
+        else:
+            self._slot = moved(self._slot)
         self._positions = moved(self._positions)
         self._bias = None if self._bias is None else moved(self._bias)
         self._state = {name: moved(buffer) for name, buffer in self._state.items()}
         self._layout(lengths, rooms)
+        if self.low is not None:
+            self._compact_stores()
 
     def _layout(self, lengths: list[int], rooms: list[int]) -> None:
         self.lengths, self.room, self.offsets = list(lengths), list(rooms), _starts(rooms)
@@ -442,12 +585,14 @@ class KVMemory:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         kv_bits: int | None = None,
+        low_bits: int | None = None,
     ) -> None:
         device = torch.device(device)
-        self.kv_bits = kv_bits
+        self.kv_bits, self.low_bits = kv_bits, low_bits
         codec = None if kv_bits is None else KVCodec(kv_bits, head_dim)
+        low = None if low_bits is None else KVCodec(low_bits, head_dim)
         self.layers = [
-            LayerMemory(batch, kv_heads, head_dim, dtype, device, codec) for _ in range(num_layers)
+            LayerMemory(batch, kv_heads, head_dim, dtype, device, codec, low) for _ in range(num_layers)
         ]
         self.sinks = sinks
         self.seen = 0  # tokens fed so far, i.e. the original position of the next one
@@ -463,7 +608,7 @@ class KVMemory:
 
     def held_bytes(self) -> int:
         """Bytes of the entries held, without the room kept for more."""
-        return sum(sum(layer.lengths) * layer.entry_bytes() for layer in self.layers)
+        return sum(layer.held_bytes() for layer in self.layers)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every layer's entries by name (``"3.keys"``, ``"3.state.h2o_mass"``...), to save the memory."""
@@ -500,11 +645,13 @@ class KVMemory:
 
         return restore
 
-    def bytes_per_token(self, states: int = 0) -> int:
-        """Bytes one more token takes over all layers and KV heads, with ``states`` policy states."""
+    def bytes_per_token(self, states: int = 0, *, low: bool = False) -> int:
+        """Bytes one more token takes over all layers and KV heads, with ``states`` policy states;
+        ``low``: once demoted to the low tier of a two-tier memory."""
         layer = self.layers[0]
         batch, kv_heads = layer.shape
-        per_head = len(KINDS) * layer.vector_bytes + layer.flat("positions").element_size() + 4 * states
+        vector = layer.low.vector_bytes if low else layer.vector_bytes
+        per_head = len(KINDS) * vector + layer.index_bytes + 4 * states
         return len(self.layers) * batch * kv_heads * per_head
 
     @property

@@ -20,9 +20,9 @@ BITS = (2, 3, 4, 8)
 PARAMS_DTYPE = torch.float16  # scale and zero of each vector
 
 
-def check_bits(bits: object) -> int:
+def check_bits(bits: object, name: str = "kv_bits") -> int:
     if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"kv_bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(str, BITS))}, got {bits!r}")
     return int(bits)
 
 
@@ -69,12 +69,13 @@ class KVCodec:
         if self.bits == 8:
             return codes
         if self.bits == 3:  # eight 3-bit codes -> 24 bits -> three bytes
-            groups = codes.view(codes.shape[0], -1, 8).int()
+            groups = codes.view(codes.shape[0], self.head_dim // 8, 8).int()
             word = (groups << (3 * torch.arange(8, device=codes.device, dtype=torch.int32))).sum(-1)
             shifts = 8 * torch.arange(3, device=codes.device, dtype=torch.int32)
-            return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8).view(codes.shape[0], -1)
+            packed = ((word[..., None] >> shifts) & 0xFF).to(torch.uint8)
+            return packed.view(codes.shape[0], self.packed_width)
         per_byte = 8 // self.bits
-        groups = codes.view(codes.shape[0], -1, per_byte).int()
+        groups = codes.view(codes.shape[0], self.head_dim // per_byte, per_byte).int()
         shifts = self.bits * torch.arange(per_byte, device=codes.device, dtype=torch.int32)
         return (groups << shifts).sum(-1).to(torch.uint8)
 
@@ -83,13 +84,13 @@ class KVCodec:
             return packed
         rows = packed.shape[0]
         if self.bits == 3:
-            triples = packed.view(rows, -1, 3).int()
+            triples = packed.view(rows, self.head_dim // 8, 3).int()
             word = (triples << (8 * torch.arange(3, device=packed.device, dtype=torch.int32))).sum(-1)
             shifts = 3 * torch.arange(8, device=packed.device, dtype=torch.int32)
-            return ((word[..., None] >> shifts) & 0x7).view(rows, -1)
+            return ((word[..., None] >> shifts) & 0x7).view(rows, self.head_dim)
         per_byte = 8 // self.bits
-        shifts = self.bits * torch.arange(per_byte, device=packed.device, dtype=torch.int32)
-        return ((packed.int()[..., None] >> shifts) & self.levels).view(rows, -1)
+        shifts = self.bits * torch.arange(per_byte, device=packed.device, dtype=torch.uint8)
+        return ((packed[..., None] >> shifts) & self.levels).view(rows, self.head_dim)
 
 
 def key_balancer(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

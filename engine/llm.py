@@ -69,11 +69,14 @@ class LLM:
             ids.append(self.tokenizer.eos_id)
         return tuple(ids)
 
-    def new_memory(self, sinks: int = 4, kv_bits: int | None = None) -> KVMemory:
-        c = self.config
+    def new_memory(self, config: PrefillConfig | None = None) -> KVMemory:
+        """An empty memory for prefills by ``config``: its sinks, its ``kv_bits``, and the low tier its
+        policy demotes to (``low_bits``)."""
+        c, prefill = self.config, config or PrefillConfig()
         return KVMemory(
             c.num_layers, c.num_kv_heads, c.head_dim,
-            sinks=sinks, dtype=self.dtype, device=self.device, kv_bits=kv_bits,
+            sinks=prefill.sinks, dtype=self.dtype, device=self.device, kv_bits=prefill.kv_bits,
+            low_bits=prefill.build_policy().low_bits,
         )  # fmt: skip
 
     def attention_setup(self, policy: Policy, positions: str = "compact") -> AttentionSetup:
@@ -122,9 +125,14 @@ class LLM:
         if config.memory_bytes is None:
             return config
         policy = config.build_policy()
-        memory = self.new_memory(config.sinks, config.kv_bits)
-        per_token = memory.bytes_per_token(len(policy.state) + policy.merges)
-        tokens = config.memory_bytes // per_token - config.sinks
+        memory = self.new_memory(config)
+        states = len(policy.state) + policy.merges
+        per_token = memory.bytes_per_token(states)
+        # A demoting policy's budget is mixed: its full-precision share at per_token, the rest lower.
+        mixed = policy.high_share * per_token
+        if memory.low_bits is not None:
+            mixed += (1 - policy.high_share) * memory.bytes_per_token(states, low=True)
+        tokens = int((config.memory_bytes - config.sinks * per_token) // mixed)
         if tokens < 1:
             raise ValueError(
                 f"a memory of {config.memory_bytes} bytes holds {config.memory_bytes // per_token} tokens of "
@@ -138,7 +146,8 @@ class LLM:
         tokens = self._tensor(ids)
         setup = self.attention_setup(PrefillConfig().build_policy())
         plan = [schedules.Step(tokens.shape[1], None)]
-        return run_prefill(self.model, self.new_memory(0), tokens, plan, setup, all_logits=True).logits[0]
+        memory = self.new_memory(PrefillConfig(sinks=0))
+        return run_prefill(self.model, memory, tokens, plan, setup, all_logits=True).logits[0]
 
     def prefill(
         self,
@@ -159,7 +168,7 @@ class LLM:
         """
         config = self.sized(config or PrefillConfig())
         held = memory.kept() if memory is not None and memory.seen > 0 else None
-        memory = memory if memory is not None else self.new_memory(config.sinks, config.kv_bits)
+        memory = memory if memory is not None else self.new_memory(config)
         tokens = self._tensor(ids)
         policy = config.build_policy()
         setup = self.attention_setup(policy, config.positions)

@@ -103,7 +103,12 @@ class PrefillConfig:
                 "decode memory to compress only while generating"
             )
         self.build_schedule()
-        self.build_policy()
+        demotes_to = self.build_policy().low_bits
+        if self.kv_bits is not None and demotes_to is not None:
+            raise ValueError(
+                f"kv_bits {self.kv_bits} stores the whole memory quantized, while policy {self.policy!r} "
+                f"keeps a full-precision tier and demotes to {demotes_to} bits: give one of them"
+            )
 
     def build_schedule(self) -> schedules.Schedule:
         return schedules.get(self.schedule, memory=self.memory, chunk=self.chunk, **self.schedule_args)

@@ -183,7 +183,7 @@ def read(
     (``early_exit=False`` runs every layer, to measure what the exit saves)."""
     heads = embedding_heads(llm, reform)
     store = torch.zeros(len(ids), heads.width, dtype=torch.float16, device=llm.device)
-    memory = llm.new_memory(config.sinks, config.kv_bits)
+    memory = llm.new_memory(config)
     layers = heads.exit_layer + 1 if early_exit else llm.config.num_layers
     result = llm.prefill(
         ids, config, memory=memory, progress=progress, cancel=cancel, layers=layers,

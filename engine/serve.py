@@ -254,11 +254,7 @@ class Worker:
         llm, tokenizer, prefill = self.llm, self.llm.tokenizer, job.prefill
         settings = config_key(prefill)
         reusable = job.prefill.reform is None
-        kept = (
-            self.cache.take(job.text, settings, lambda: llm.new_memory(prefill.sinks, prefill.kv_bits))
-            if reusable
-            else None
-        )
+        kept = self.cache.take(job.text, settings, lambda: llm.new_memory(prefill)) if reusable else None
         new_text = job.text[len(kept.text) :] if kept else job.text
         if kept is not None:
             ids = tokenizer.encode(new_text, add_special=False)

@@ -21,7 +21,8 @@ KV heads may hold different numbers of entries (head-wise budgets, head roles). 
 then padded on the left to the longest head, so that the newest sit last in every head as always;
 ``valid`` marks the real ones, and scores of padding are ignored. A selection is an index tensor
 [B, Hkv, k] (the same count in every head), a boolean keep mask [B, Hkv, n] (counts of their own),
-or a ``Selection`` that also folds dropped entries into kept ones (merging rather than evicting).
+or a ``Selection`` that also folds dropped entries into kept ones (merging rather than evicting) or
+moves kept ones to a low-precision tier (``low_bits``: demoting rather than evicting, as MiKV).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Candidates:
     state: dict[str, torch.Tensor]  # [B, Hkv, n] float32, writable (what the policy keeps per token)
     valid: torch.Tensor | None = None  # [B, Hkv, n] bool: real entries; None when every head is full
     bias: torch.Tensor | None = None  # [B, Hkv, n] log of the tokens an entry stands for; None: all one
+    low: torch.Tensor | None = None  # [B, Hkv, n] bool: held at low precision (a two-tier memory)
 
     @property
     def size(self) -> int:
@@ -91,10 +93,12 @@ class Candidates:
 class Selection:
     """What a layer keeps (``keep`` [B, Hkv, n] bool) and where dropped entries go: ``into`` [B, Hkv, n]
     gives the index of the kept entry a dropped one folds into (its key and value averaged in by how
-    many tokens each stands for), or -1 to drop it."""
+    many tokens each stands for), or -1 to drop it. ``low`` [B, Hkv, n] marks kept entries to hold in
+    the memory's low-precision tier (a policy with ``low_bits``); entries already there stay there."""
 
     keep: torch.Tensor
     into: torch.Tensor | None = None
+    low: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,11 @@ class Policy:
     # budget) and folds entries together (attention then weighs an entry by the tokens it stands for).
     head_wise: ClassVar[bool] = False
     merges: ClassVar[bool] = False
+    # Bits of the low-precision tier the policy demotes entries to (its memory then has two tiers; the
+    # policy is asked every step, since its full-precision tier may be full before the whole budget),
+    # and the share of the budget it keeps at full precision (how a budget in bytes becomes tokens).
+    low_bits: int | None = None
+    high_share: float = 1.0
 
     def prepare(self, model: ModelFacts) -> None:
         """Read what the policy needs of the model (e.g. its calibration) before the first step."""
@@ -296,6 +305,7 @@ from policies import duo as _duo  # noqa: E402,F401
 from policies import ems as _ems  # noqa: E402,F401
 from policies import h2o as _h2o  # noqa: E402,F401
 from policies import key_norm as _key_norm  # noqa: E402,F401
+from policies import mikv as _mikv  # noqa: E402,F401
 from policies import positional as _positional  # noqa: E402,F401
 from policies import pyramidkv as _pyramidkv  # noqa: E402,F401
 from policies import razor as _razor  # noqa: E402,F401

@@ -1,12 +1,13 @@
-"""Memory with per-head lengths against the rectangular memory: time, and bytes, at the same budget.
+"""Memory layouts against the rectangular memory: time, and bytes, at the same budget.
 
     python -m tools.bench_heads --length 8192 --memory 1024 --chunk 1024 --decode-tokens 64
 
 Each config reads the same random-token prompt chunk by chunk, then generates ``--decode-tokens``
 tokens greedily (EOS ignored). The first config is the baseline, a policy that keeps every head
-the same length (the rectangular memory); the others give heads budgets of their own (``adakv``: the
-same total, spread unevenly) or roles (``razor``, ``duo``: streaming heads keep a few hundred
-tokens, so the memory shrinks). Per config: what the heads hold (mean, shortest, longest, beyond the
+the same length at full precision (the rectangular memory); the others give heads budgets of their
+own (``adakv``: the same total, spread unevenly) or roles (``razor``, ``duo``: streaming heads keep a
+few hundred tokens, so the memory shrinks), or hold tokens at fewer bits (``mikv``: two tiers,
+``kv_bits=4``: all of them). Per config: what the heads hold (mean, shortest, longest, beyond the
 sinks), the memory's MiB after the prompt, prefill seconds and decode milliseconds per token (median
 of ``--repeat`` runs after a warm-up), and both times as ratios to the baseline's.
 """

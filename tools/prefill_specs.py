@@ -6,19 +6,21 @@ passes a policy option to this config alone (``--policy-arg`` passes one to ever
 is one full-attention step with no compression. ``reform:imdc:h2o:256`` reads that way and answers
 by REFORM (``engine.reform``); its options (``gather=2048``, ``pool``, ``prefix``, ``suffix``, ...)
 sit among the policy's, as does ``kv_bits=4``, which stores the memory quantized
-(``engine.kv_quant``; ``full:kv_bits=4`` for full attention).
+(``engine.kv_quant``; ``full:kv_bits=4`` for full attention). M may be a size instead of tokens:
+``fixed:mikv:64MiB:1024`` keeps what fits in 64 MiB (``--memory-bytes``; C must then be given).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import policies
 import schedules
-from engine.cli import parse_options
+from engine.cli import parse_options, parse_size
 from engine.options import PLUGIN_HELP, REFORM_OPTIONS, reform_options
 from engine.prefill import PrefillConfig
 from engine.registry import load_plugin
@@ -27,6 +29,7 @@ from tools.report import ToolError
 FULL = "full"
 REFORM = "reform"
 MEMORY_OPTIONS = ("kv_bits",)  # options of the memory itself, not of the policy
+SIZE = re.compile(r"[\d.]+\s*[KMG]i?B", re.IGNORECASE)  # an M in bytes: 64MiB, 1.5GB
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,17 @@ def parse_spec(
             f"config {text!r} is not 'full' or SCHEDULE:POLICY:M[:C][:KEY=VALUE...], e.g. imdc:snapkv:256"
         )
     schedule, policy = parts[0], parts[1]
+    budget, *chunks = numbers
+    memory_bytes = parse_size(budget) if SIZE.fullmatch(budget) else None
     try:
-        memory, *rest = (int(number) for number in numbers)
+        memory = PrefillConfig.memory if memory_bytes is not None else int(budget)
+        rest = [int(number) for number in chunks]
     except ValueError:
-        raise ToolError(f"config {text!r}: M and C must be whole numbers of tokens") from None
+        raise ToolError(
+            f"config {text!r}: M must be whole tokens or a size like 64MiB, C whole tokens"
+        ) from None
+    if memory_bytes is not None and not rest and chunk is None:
+        raise ToolError(f"config {text!r}: a memory given in bytes needs its chunk C, e.g. {text}:1024")
     size = rest[0] if rest else chunk or memory
     options = {**(policy_args or {}), **parse_options(own, f"config {text!r}")}
     reform_args = {key: options.pop(key) for key in REFORM_OPTIONS if key in options} if answering else {}
@@ -72,11 +82,12 @@ def parse_spec(
     try:
         config = PrefillConfig(
             schedule=schedule, policy=policy, memory=memory, chunk=size, policy_args=options,
-            reform=reform_options(reform_args) if answering else None, **memory_options,
+            reform=reform_options(reform_args) if answering else None, memory_bytes=memory_bytes,
+            **memory_options,
         )  # fmt: skip
     except ValueError as error:
         raise ToolError(f"config {text!r}: {error}") from None
-    label = ":".join([*([REFORM] if answering else []), schedule, policy, str(memory), str(size), *own])
+    label = ":".join([*([REFORM] if answering else []), schedule, policy, budget, str(size), *own])
     return NamedConfig(label, config)
 
 

@@ -64,7 +64,9 @@ def test_every_policy_keeps_memory_within_budget_and_in_order(llm, name, positio
             keys = layer.segment(segment, "keys")
             expected = torch.arange(len(keys)) if positions == "compact" else positions_kept
             rotated = llm.rope.rotate(keys, expected)
-            assert torch.allclose(layer.segment(segment, "rotated"), rotated, atol=1e-6)
+            high = ~layer.segment(segment, "low")  # a low tier's rotated keys are quantized on their own
+            assert torch.allclose(layer.segment(segment, "rotated")[high], rotated[high], atol=1e-6)
+            assert torch.allclose(layer.segment(segment, "rotated"), rotated, atol=0.5)
     assert all(step.memory <= 2 * 12 * (3 if policy.head_wise else 1) for step in result.steps)
 
 

@@ -97,7 +97,7 @@ def test_bytes_follow_the_tokens_held_summed_over_heads(llm):
 
 def test_a_ragged_memory_is_saved_and_restored_whole(llm):
     memory = llm.prefill(IDS, razor(recent=6)).memory
-    again = llm.new_memory(4)
+    again = llm.new_memory()
     again.load_tensors(memory.tensors(), seen=memory.seen)
     for mine, theirs in zip(memory.layers, again.layers, strict=True):
         assert mine.lengths == theirs.lengths

@@ -90,7 +90,7 @@ def test_pre_rope_embeddings_of_the_first_layer_ignore_the_position(llm):
     stores = []
     for offset in (0, 57):  # the same tokens read from original position 0, or from position 57
         store = torch.zeros(len(IDS), heads.width, dtype=torch.float16)
-        memory = llm.new_memory(0)
+        memory = llm.new_memory(PrefillConfig(sinks=0))
         memory.seen = offset
         config = PrefillConfig(positions="original")
         llm.prefill(IDS, config, memory=memory, layers=1, tap=heads.writer(store, offset))

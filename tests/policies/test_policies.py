@@ -90,7 +90,8 @@ def test_selection_is_sorted_unique_and_within_budget(name, size, budget, heads,
     if layer_budget is None or layer_budget >= size:
         return
     selection = policy.select(view, layer_budget)
-    if policy.head_wise or policy.merges:  # a mask (or a Selection): the layer's total is the bound
+    if policy.head_wise or policy.merges or policy.low_bits is not None:  # a mask or a Selection: the
+        # layer's total is the bound
         keep = kept_mask(selection, view)
         assert keep.shape == view.keys.shape[:3]
         assert (keep.sum(dim=(1, 2)) <= layer_budget * heads).all()

@@ -137,6 +137,9 @@ def test_config_specs_name_schedule_policy_memory_chunk_and_options() -> None:
     )  # fmt: skip
     assert (sized.config.memory, sized.config.chunk) == (1024, 512)
     assert tuned.label == "im:snapkv:64:64:kernel=9" and tuned.config.policy_args == {"kernel": 9}
+    in_bytes = parse_specs("fixed:mikv:64MiB:512")[0]
+    assert in_bytes.label == "fixed:mikv:64MiB:512" and in_bytes.config.memory_bytes == 64 << 20
+    assert in_bytes.config.chunk == 512
     default_chunk = parse_specs("fixed:snapkv:256", chunk=128, policy_args={"kernel": 3})[0].config
     assert default_chunk.chunk == 128 and default_chunk.policy_args == {"kernel": 3}
 
@@ -145,7 +148,8 @@ def test_config_specs_name_schedule_policy_memory_chunk_and_options() -> None:
     ("spec", "message"),
     [
         ("imdc:snapkv", "is not 'full' or"),
-        ("imdc:snapkv:many", "whole numbers"),
+        ("imdc:snapkv:many", "M must be whole tokens or a size like 64MiB"),
+        ("imdc:snapkv:64MiB", "a memory given in bytes needs its chunk C"),
         ("imdc:snapkv:kernel=9:256", "is not 'full' or"),
         ("nope:snapkv:256", "unknown schedule 'nope'"),
         ("imdc:nope:256", "unknown policy 'nope'"),
