@@ -106,6 +106,15 @@ def heads_grid(memory: int, full: bool) -> str:
 
 
 REFORM_PASSKEY = "--tasks passkey --lengths 1536,4096,8192,16384,32768 --samples 9"
+# A quantized memory against a plain one: M=1024 at 8 bits takes about the bytes of M=256 in float32.
+KV_BITS_CONFIGS = (
+    "full,imdc:snapkv:256,imdc:snapkv:1024,imdc:snapkv:1024:kv_bits=8,imdc:snapkv:1024:kv_bits=4"
+)
+# At the bytes of M=256 float32 tokens (17 MiB of the default model): evict, quantize all, or demote.
+MIKV_CONFIGS = (
+    "full,fixed:snapkv:17MiB,fixed:h2o:17MiB,fixed:mikv:17MiB,fixed:mikv:17MiB:bits=2,"
+    "fixed:snapkv:17MiB:kv_bits=8,fixed:snapkv:17MiB:kv_bits=4"
+)
 RUNS = (
     Run(
         "Prefill schedules on the CPU, SnapKV (default model)",
@@ -214,6 +223,26 @@ RUNS = (
         "CPU",
         _command(
             "eval_longctx", heads_grid(256, full=False), "heads_256"
+        ),
+    ),
+    Run(
+        "A quantized memory: more tokens at fewer bits, or fewer at full precision?",
+        "CPU",
+        _command(
+            "eval_longctx",
+            "--tasks passkey,niah_single,niah_multikey,qa1 --lengths 4096,8192 --samples 2 --chunk 1024 "
+            f"--configs {KV_BITS_CONFIGS}",
+            "kv_bits",
+        ),
+    ),
+    Run(
+        "Demote instead of evict (MiKV) at equal bytes: 17 MiB, the bytes of M=256 float32 tokens",
+        "CPU",
+        _command(
+            "eval_longctx",
+            "--tasks passkey,niah_single,niah_multikey,qa1 --lengths 4096,8192,16384 --samples 2 "
+            f"--chunk 1024 --configs {MIKV_CONFIGS}",
+            "mikv_17mib",
         ),
     ),
     Run(
@@ -343,6 +372,8 @@ README_RUNS = {
     "bench_reform.json": (0,),
     "heads_1024.json": (0,),
     "heads_256.json": (0,),
+    "kv_bits.json": (0,),
+    "mikv_17mib.json": (0,),
     "bench_heads.json": (0,),
     "bench_serve.json": (0, 1),
 }
