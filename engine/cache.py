@@ -229,26 +229,41 @@ class LayerMemory:
 
     def _assembled(self, kind: str) -> torch.Tensor:
         """A two-tier memory's vectors of ``kind`` in entry order [C, D], the low tier's dequantized."""
-        high_entries, high_rows, low_entries, low_rows, low_balance = self._tier_rows()
-        out = self._vectors[kind].new_empty(self._positions.shape[0], self.head_dim)
-        out[high_entries] = self._vectors[kind][high_rows]
-        vectors = self.low.decode(self._codes[kind][low_rows], self._params[kind][low_rows])
-        out[low_entries] = (vectors if kind == "values" else vectors / low_balance).to(self.dtype)
-        return out
+        order, low_balance = self._tier_order()
+        if order is None:
+            return self._vectors[kind].new_zeros(self._positions.shape[0], self.head_dim)
+        low = self.low.decode(self._codes[kind], self._params[kind])
+        low = (low if kind == "values" else low / low_balance).to(self.dtype)
+        return torch.cat((low, self._vectors[kind])).index_select(0, order)
 
-    def _tier_rows(self) -> tuple[torch.Tensor, ...]:
-        """Where each tier's rows go among the entries: high entries and their store rows, low entries,
-        their store rows and their keys' balancer. Made once per change of the memory (a decode step
-        reads rotated keys and values with the same): whatever moves a slot drops it."""
+    def _tier_order(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each entry's row in [low store; full-precision store] (None while nothing is held), and the
+        keys' balancer of each low-store row. Made once per change of the tiers (not per read, nor
+        per append: see ``_extend_tier_order``); whatever moves a slot drops it."""
         key = (tuple(self.lengths), tuple(self.offsets))
         if self._tiers_cache is None or self._tiers_cache[0] != key:
             held = self._entries()
             slots = self._slot[held].long()
             high = slots >= 0
-            low_entries = held[~high]
-            balance = self._balance[self._segment_of(low_entries)] if self._balance is not None else None
-            self._tiers_cache = (key, (held[high], slots[high], low_entries, -1 - slots[~high], balance))
+            low_rows = -1 - slots[~high]
+            order = torch.zeros_like(self._positions)
+            order[held] = torch.where(high, self._codes["keys"].shape[0] + slots, -1 - slots)
+            balance = torch.ones(self._codes["keys"].shape[0], self.head_dim, device=held.device)
+            if self._balance is not None:
+                balance[low_rows] = self._balance[self._segment_of(held[~high])]
+            self._tiers_cache = (key, (order if held.numel() else None, balance))
         return self._tiers_cache[1]
+
+    def _extend_tier_order(self, index: torch.Tensor, before: tuple) -> None:
+        """Add ``append``'s new entries ``index`` (full precision) to the ``_tier_order`` of the memory
+        as it was ``before`` them (its lengths and offsets), when that is the one made."""
+        if self._tiers_cache is None or self._tiers_cache[0] != before:
+            self._tiers_cache = None
+            return
+        order, balance = self._tiers_cache[1]
+        order = torch.zeros_like(self._positions) if order is None else order
+        order[index] = self._codes["keys"].shape[0] + self._slot[index].long()
+        self._tiers_cache = ((tuple(self.lengths), tuple(self.offsets)), (order, balance))
 
     def _compact_stores(self) -> None:
         """Drop the tiers' rows no held entry points at (evicted, demoted or forgotten entries)."""
@@ -329,13 +344,15 @@ class LayerMemory:
                         (self._vectors[kind], self._vectors[kind].new_empty(index.numel(), self.head_dim))
                     )
                 self._slot[index] = torch.arange(start, start + index.numel(), device=index.device).int()
-                self._tiers_cache = None
             for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
                 self.write_rows(kind, index, data.reshape(-1, self.head_dim))
             self._positions.index_copy_(0, index, positions.reshape(-1))
             for buffer in self._per_entry():
                 buffer.index_fill_(0, index, 0)
+        before = (tuple(self.lengths), tuple(self.offsets))
         self.lengths = [length + new for length in self.lengths]
+        if self.low is not None:
+            self._extend_tier_order(index, before)
 
     def keep(self, index: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Keep only the entries ``index``: [B, Hkv, m] (the same count in every segment), or one

@@ -63,7 +63,7 @@ class KVCodec:
     def decode(self, codes: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Codes [N, packed_width] and params [N, 2] -> rows [N, D] float32."""
         scale, zero = params.float().unbind(-1)
-        return self._unpack(codes).float() * scale[:, None] + zero[:, None]
+        return torch.addcmul(zero[:, None], self._unpack(codes).float(), scale[:, None])
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
