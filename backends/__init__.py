@@ -9,7 +9,9 @@ key j when j <= i + (Lk - Lq), and with a sliding ``window`` W only when i + (Lk
 
 ``bias`` [B, Hkv, Lk] (optional) is added to every scaled score of its key: an entry standing for n
 merged tokens carries log n. KV heads of different lengths come as ``Segments`` in place of k (v is
-then None): each (batch, KV head) its own Lk, the masking above taken per head.
+then None): each (batch, KV head) its own Lk, the masking above taken per head. A memory partly
+stored as packed codes comes as ``Packed`` in place of k to the ``decode`` of a backend that
+``reads_packed``; ``Packed.segments()`` is the same memory dequantized, what every other call gets.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from engine.kv_quant import KVCodec, assemble
 from engine.notices import notice
 from engine.registry import Registry
 
@@ -49,6 +52,38 @@ class Segments:
     @property
     def longest(self) -> int:
         return max(self.lengths, default=0)
+
+
+@dataclass
+class Packed:
+    """A two-tier memory's keys and values as stored (``engine.cache``): flat entries as in
+    ``Segments``, entry i being row ``order[i]`` of [low tier; full-precision tier]. The low tier's
+    rows are ``bits``-bit codes packed little-end first (``engine.kv_quant``), each with a float16
+    scale and zero; its keys were stored multiplied by ``low_balance`` (MiKV's balancer), which a
+    reader divides out after dequantizing."""
+
+    order: torch.Tensor  # [C] int64
+    high_keys: torch.Tensor  # [P, D] rotated
+    high_values: torch.Tensor  # [P, D]
+    low_keys: torch.Tensor  # [Q, D * bits / 8] uint8
+    low_values: torch.Tensor  # [Q, D * bits / 8] uint8
+    low_key_params: torch.Tensor  # [Q, 2] float16: scale, zero
+    low_value_params: torch.Tensor  # [Q, 2] float16
+    low_balance: torch.Tensor  # [Q, D] float32
+    bits: int
+    offsets: list[int]
+    lengths: list[int]
+    shape: tuple[int, int]  # (B, Hkv)
+    bias: torch.Tensor | None = None  # [C]
+
+    def segments(self) -> Segments:
+        """The same memory dequantized, in flat ``Segments`` buffers."""
+        codec = KVCodec(self.bits, self.high_keys.shape[1])
+        return Segments(
+            assemble(codec, self.high_keys, self.low_keys, self.low_key_params, self.order, self.low_balance),
+            assemble(codec, self.high_values, self.low_values, self.low_value_params, self.order),
+            self.offsets, self.lengths, self.shape, self.bias,
+        )  # fmt: skip
 
 
 class KeyStats(NamedTuple):
@@ -86,9 +121,11 @@ class AttentionSpec:
 
 
 class Backend:
-    """The contract. ``scale`` defaults to 1/sqrt(D); ``out`` lets the caller supply the output buffer."""
+    """The contract. ``scale`` defaults to 1/sqrt(D); ``out`` lets the caller supply the output buffer.
+    ``reads_packed``: ``decode`` takes a ``Packed`` memory and dequantizes it as it reads."""
 
     name = "abstract"
+    reads_packed = False
 
     def supports(self, spec: AttentionSpec) -> bool:
         return self.lacks(spec) is None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends import Backend, KeyStats, Segments
+from backends import Backend, KeyStats, Packed, Segments
 from engine.cache import KVMemory, LayerMemory
 from models.rope import Rope
 from policies import Candidates, Policy, PolicyError, Selection
@@ -87,16 +87,22 @@ class MemoryAttention:
             self.tap(layer, q[:, :, :new], k[:, :, :new], v[:, :, :new], self.start)
         original = self._original(new, q.device)
         queries = q
-        if layer_memory.uniform:
+        uniform = layer_memory.uniform
+        if uniform:
             cos, sin = self._angles(layer_memory.length, q.shape[2], original, q.dtype)
             q = Rope.apply(q, cos, sin)
             layer_memory.append(k, Rope.apply(k, cos, sin), v, original, queries)
-            keys, values, bias = layer_memory.rotated, layer_memory.values, layer_memory.bias
         else:
             q, rotated = self._rotate_segments(layer_memory, q, k, original)
             layer_memory.append(k, rotated, v, original, queries)
+        decoding = q.shape[2] == 1
+        if decoding and layer_memory.low is not None and setup.backend.reads_packed:
+            keys, values, bias = layer_memory.packed(), None, None  # dequantized as the kernel reads
+        elif uniform:
+            keys, values, bias = layer_memory.rotated, layer_memory.values, layer_memory.bias
+        else:
             keys, values, bias = self._segments(layer_memory), None, None
-        attend = setup.backend.decode if q.shape[2] == 1 else setup.backend.prefill
+        attend = setup.backend.decode if decoding else setup.backend.prefill
         # Only features in use are passed: a plugin backend written for plain memories still serves them.
         result = attend(q, keys, values, window=setup.window, **_given(bias=bias))
         self._compress(layer, layer_memory, q, keys, result.lse, new, bias)
@@ -158,7 +164,7 @@ class MemoryAttention:
         layer: int,
         memory: LayerMemory,
         q: torch.Tensor,
-        keys: torch.Tensor | Segments,
+        keys: torch.Tensor | Segments | Packed,
         lse: torch.Tensor | None,
         new: int,
         bias: torch.Tensor | None,

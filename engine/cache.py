@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.kv_quant import KVCodec, key_balancer
+from backends import Packed
+from engine.kv_quant import KVCodec, assemble, key_balancer
 
 KINDS = ("keys", "rotated", "values")
 GROWTH_MIN = 16  # entries a segment grows by at least
@@ -232,9 +233,17 @@ class LayerMemory:
         order, low_balance = self._tier_order()
         if order is None:
             return self._vectors[kind].new_zeros(self._positions.shape[0], self.head_dim)
-        low = self.low.decode(self._codes[kind], self._params[kind])
-        low = (low if kind == "values" else low / low_balance).to(self.dtype)
-        return torch.cat((low, self._vectors[kind])).index_select(0, order)
+        balance = None if kind == "values" else low_balance
+        return assemble(self.low, self._vectors[kind], self._codes[kind], self._params[kind], order, balance)
+
+    def packed(self) -> Packed:
+        """A two-tier memory's rotated keys and values as stored, for a backend that reads them so."""
+        order, balance = self._tier_order()
+        return Packed(
+            order, self._vectors["rotated"], self._vectors["values"], self._codes["rotated"],
+            self._codes["values"], self._params["rotated"], self._params["values"], balance, self.low.bits,
+            list(self.offsets), list(self.lengths), self.shape, self._bias,
+        )  # fmt: skip
 
     def _tier_order(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Each entry's row in [low store; full-precision store] (None while nothing is held), and the

@@ -93,6 +93,22 @@ class KVCodec:
         return ((packed[..., None] >> shifts) & self.levels).view(rows, self.head_dim)
 
 
+def assemble(
+    codec: KVCodec,
+    high: torch.Tensor,
+    codes: torch.Tensor,
+    params: torch.Tensor,
+    order: torch.Tensor,
+    balance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows [len(order), D] of a two-tier store: row i is row ``order[i]`` of [the low tier's ``codes``
+    dequantized (then divided by ``balance``, keys' balancer per row); ``high``], in ``high``'s dtype."""
+    low = codec.decode(codes, params)
+    if balance is not None:
+        low = low / balance
+    return torch.cat((low.to(high.dtype), high)).index_select(0, order)
+
+
 def key_balancer(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """MiKV's per-channel balancer [B, Hkv, D] from pre-RoPE q [B, Hq, n, D] and k [B, Hkv, n, D]:
     ``sqrt(max|q| / max|k|)`` over the tokens (and a KV head's group of query heads), tied across

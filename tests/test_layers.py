@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The shared contracts: the registry, the model config, one-line notes. They import nothing above them.
-BOTTOM = {"engine.registry", "engine.config", "engine.notices"}
+# The shared contracts: the registry, the model config, one-line notes, the format of quantized KV
+# entries (the memory writes it, kernels and policies read it). They import nothing above them.
+BOTTOM = {"engine.registry", "engine.config", "engine.notices", "engine.kv_quant"}
 MIDDLE = {"models", "backends", "schedules", "policies"}
 PACKAGES = {*MIDDLE, "engine", "tools"}
 

@@ -9,7 +9,8 @@ only run on CUDA (or ROCm, which PyTorch also calls "cuda") devices, or interpre
 
 KV heads of different lengths (``Segments``) are read in place from their flat buffers, and biased
 entries add their bias to their scores, by the same kernels as the rectangular memory (see
-``runtime.Memory``).
+``runtime.Memory``). Decode reads a two-tier memory (``Packed``) as stored, dequantizing its packed
+low tier in registers; prefill and scores read it dequantized (``Packed.segments``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import importlib.util
 
 import torch
 
-from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, Segments, prepare_triton
+from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, Packed, Segments, prepare_triton
 
 prepare_triton()
 if importlib.util.find_spec("triton") is None:
@@ -27,7 +28,7 @@ if importlib.util.find_spec("triton") is None:
     )
 
 from backends.triton import decode, prefill, scores  # noqa: E402  (after choosing the mode)
-from backends.triton.runtime import INTERPRETED, Memory  # noqa: E402
+from backends.triton.runtime import INTERPRETED, Memory, PackedTiers  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -35,6 +36,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 class TritonBackend(Backend):
     name = "triton"
+    reads_packed = True
     interpreted = INTERPRETED  # kernels simulated on the CPU: right, but far too slow to time
 
     def lacks(self, spec: AttentionSpec) -> str | None:
@@ -49,6 +51,7 @@ class TritonBackend(Backend):
         return None
 
     def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+        k = k.segments() if isinstance(k, Packed) else k
         memory = _memory(q, k, v, bias, window)
         _check_out(out, q.shape, q.dtype, q.device)
         result, lse = prefill.attend(q, memory, _scale(q, scale), window, out)
@@ -57,6 +60,7 @@ class TritonBackend(Backend):
     def scores(
         self, q, k, *, lse=None, last=None, scale=None, window=None, out=None, bias=None, by_query_head=False
     ) -> KeyStats:
+        k = k.segments() if isinstance(k, Packed) else k
         memory = _memory(q, k, None, bias, window)
         batch, q_heads, q_len, _ = q.shape
         kv_heads, k_len = memory.shape[1], memory.longest
@@ -81,9 +85,14 @@ class TritonBackend(Backend):
     def decode(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
         if q.dim() != 4 or q.shape[2] != 1:
             return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)
-        memory = _memory(q, k, v, bias, window)
+        tiers = None
+        if isinstance(k, Packed):
+            _check_packed(q, k, bias)
+            memory, tiers = PackedTiers.of(k)
+        else:
+            memory = _memory(q, k, v, bias, window)
         _check_out(out, q.shape, q.dtype, q.device)
-        result, lse = decode.decode(q, memory, _scale(q, scale), window, out)
+        result, lse = decode.decode(q, memory, _scale(q, scale), window, out, tiers)
         return AttentionOutput(result, lse)
 
 
@@ -183,6 +192,36 @@ def _check_segments(q: torch.Tensor, segments: Segments, bias: torch.Tensor | No
             "(keys = memory + chunk)"
         )
     _check_bias(segments.bias, (rows,), q.device)
+
+
+def _check_packed(q: torch.Tensor, packed: Packed, bias: torch.Tensor | None) -> None:
+    """A ``Packed`` memory's tiers and segments, checked as ``Segments`` are."""
+    batch, q_heads, _, head_dim = q.shape
+    rows, width = packed.low_keys.shape[0], head_dim * packed.bits // 8
+    high = packed.high_keys.shape[0]
+    shapes = {
+        "high_keys": (packed.high_keys, (high, head_dim)),
+        "high_values": (packed.high_values, (high, head_dim)),
+        "low_keys": (packed.low_keys, (rows, width)),
+        "low_values": (packed.low_values, (rows, width)),
+        "low_key_params": (packed.low_key_params, (rows, 2)),
+        "low_value_params": (packed.low_value_params, (rows, 2)),
+        "low_balance": (packed.low_balance, (rows, head_dim)),
+    }
+    for name, (tensor, shape) in shapes.items():
+        if tuple(tensor.shape) != tuple(shape) or tensor.device != q.device:
+            raise ValueError(f"triton backend: Packed {name} must be {list(shape)} on {q.device}, got "
+                             f"{list(tensor.shape)} on {tensor.device}")  # fmt: skip
+    if bias is not None:
+        raise ValueError("triton backend: the biases of Packed come in Packed.bias, not as bias")
+    if packed.shape[0] != batch or len(packed.offsets) != len(packed.lengths) != batch * packed.shape[1]:
+        raise ValueError(f"triton backend: Packed of shape {packed.shape} does not serve q of batch {batch}")
+    _check_heads(q_heads, packed.shape[1])
+    ends = [offset + length for offset, length in zip(packed.offsets, packed.lengths, strict=True)]
+    if packed.order.dtype != torch.int64 or max(ends, default=0) > packed.order.shape[0]:
+        raise ValueError("triton backend: Packed order must be int64 with a row for every entry")
+    _check_bias(packed.bias, tuple(packed.order.shape), q.device)
+    _check_common(q, [q, packed.high_keys, packed.high_values], None)
 
 
 def _check_heads(q_heads: int, kv_heads: int) -> None:

@@ -9,7 +9,9 @@ output and the LSE.
 KV heads of different lengths (``RAGGED``) are read in place from their flat buffers: the splits are
 cut for the longest, and a shorter segment's splits past its end are empty partials (max -inf, sum
 0), which the merge weighs 0. Entries may carry a logit bias (``HAS_BIAS``), added to the scaled
-score of its key.
+score of its key. A two-tier memory (``PACKED``, always flat) is read through each entry's row: the
+full-precision tier as it is, the low tier's packed codes dequantized in registers (``packed_tile``),
+so no full-precision copy of it is ever made.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from backends.triton.runtime import (
     LOG2E,
     LOG2E_IN_KERNEL,
     Memory,
+    PackedTiers,
     autotune,
     dot_precision,
     length_bucket,
+    packed_tile,
     rounded_to,
     segment_span,
     tile_bytes,
@@ -61,10 +65,10 @@ _GPU_CONFIGS = [
 @autotune(
     _GPU_CONFIGS,
     triton.Config({}, num_warps=1, num_stages=1),
-    key=["HEAD_DIM", "GROUP_ROWS", "split_bucket", "HAS_BIAS", "RAGGED"],
+    key=["HEAD_DIM", "GROUP_ROWS", "split_bucket", "HAS_BIAS", "RAGGED", "PACKED", "BITS"],
     shared_memory=_shared_memory,
 )
-@triton.jit(do_not_specialize=["splits", "window", "k_len", "split_len", "split_bucket"])
+@triton.jit(do_not_specialize=["splits", "window", "k_len", "split_len", "split_bucket", "low_rows"])
 def _split_kernel(
     k_ptr,
     v_ptr,
@@ -97,11 +101,20 @@ def _split_kernel(
     split_len,
     qk_scale,
     split_bucket,
+    order_ptr,
+    low_k_ptr,
+    low_v_ptr,
+    low_k_params_ptr,
+    low_v_params_ptr,
+    balance_ptr,
+    low_rows,
     HEAD_DIM: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
     WINDOWED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RAGGED: tl.constexpr,
+    PACKED: tl.constexpr,
+    BITS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -140,19 +153,33 @@ def _split_kernel(
         keys = start_n + tl.arange(0, BLOCK_N)
         inside = keys < end
         key_offsets = keys.to(tl.int64)
-        k = tl.load(
-            k_base + key_offsets[None, :] * stride_kn + dims[:, None] * stride_kd,
-            mask=inside[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + key_offsets[:, None] * stride_vn + dims[None, :] * stride_vd,
-            mask=inside[:, None],
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        if PACKED:  # k_ptr and v_ptr are the full-precision tier's stores
+            rows = tl.load(order_ptr + first + key_offsets, mask=inside, other=0)
+            k = packed_tile(
+                rows, inside, low_rows, k_ptr, stride_kn, low_k_ptr, low_k_params_ptr, balance_ptr,
+                HEAD_DIM, BITS, True,
+            )  # fmt: skip
+            v = packed_tile(
+                rows, inside, low_rows, v_ptr, stride_vn, low_v_ptr, low_v_params_ptr, balance_ptr,
+                HEAD_DIM, BITS, False,
+            )  # fmt: skip
+            # Rounded to the memory's dtype first, as the engine's dequantized reads are.
+            k = rounded_to(tl.trans(k), k_ptr.dtype.element_ty, UPCAST).to(q.dtype)
+            v = rounded_to(v, v_ptr.dtype.element_ty, UPCAST).to(q.dtype)
+        else:
+            k = tl.load(
+                k_base + key_offsets[None, :] * stride_kn + dims[:, None] * stride_kd,
+                mask=inside[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + key_offsets[:, None] * stride_vn + dims[None, :] * stride_vd,
+                mask=inside[:, None],
+                other=0.0,
+            )
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_base + key_offsets * stride_bn, mask=inside, other=0.0)
@@ -229,9 +256,11 @@ def decode(
     scale: float,
     window: int | None,
     out: torch.Tensor | None,
+    tiers: PackedTiers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [B, Hq, 1, D] (into ``out`` when given) and float32 LSE [B, Hq, 1] of the single query
-    row at the end of each KV head's keys. The window is assumed positive and every head non-empty."""
+    row at the end of each KV head's keys. The window is assumed positive and every head non-empty.
+    With ``tiers``, ``memory`` is a ``Packed`` memory's (``PackedTiers.of``)."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads, longest = memory.shape[1], memory.longest
     group = q_heads // kv_heads
@@ -255,11 +284,14 @@ def decode(
         *memory.pointers(), q, part_m, part_l, part_acc, q.stride(0), q.stride(1), q.stride(3),
         kv_heads, group, splits, window or 0, longest, split_len, scale * LOG2E,
         length_bucket(split_len),
+        *(PackedTiers.absent(memory) if tiers is None else tiers.pointers()),
         HEAD_DIM=head_dim,
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         WINDOWED=window is not None,
         HAS_BIAS=memory.has_bias,
         RAGGED=memory.ragged,
+        PACKED=tiers is not None,
+        BITS=8 if tiers is None else tiers.bits,
         UPCAST=INTERPRETED,
         DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_N=block_n,

@@ -8,7 +8,8 @@ nearest, and it cannot benchmark, so autotuning gets a single config.
 
 What the kernels share lives here too: ``Memory``, the keys, values and biases of either layout (a
 rectangle, or KV heads of different lengths in flat buffers) as one set of kernel arguments, and the
-kernel helpers that address them.
+kernel helpers that address them; ``PackedTiers`` and ``packed_tile`` for a memory whose low tier is
+stored as packed codes (``backends.Packed``), dequantized in registers as it is read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends import Segments
+from backends import Packed, Segments
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
@@ -158,3 +159,75 @@ def segment_span(offsets_ptr, lengths_ptr, segment):
     when ``RAGGED``: the interpreter pays about a millisecond for every call of a ``@triton.jit``
     helper, and the rectangle (entry 0 of each head's base, k_len entries) needs none."""
     return tl.load(offsets_ptr + segment).to(tl.int64), tl.load(lengths_ptr + segment)
+
+
+@dataclass(frozen=True)
+class PackedTiers:
+    """What a kernel reads of a ``Packed`` memory besides ``Memory`` (whose keys and values are then
+    the full-precision tier): each entry's row, the low tier's codes, params and balancer."""
+
+    order: torch.Tensor
+    low_keys: torch.Tensor
+    low_values: torch.Tensor
+    low_key_params: torch.Tensor
+    low_value_params: torch.Tensor
+    low_balance: torch.Tensor
+    low_rows: int
+    bits: int
+
+    @classmethod
+    def of(cls, packed: Packed) -> tuple[Memory, PackedTiers]:
+        """The ``Memory`` (flat segments over the full-precision tier) and tiers of ``packed``."""
+        plain = Segments(packed.high_keys, packed.high_values, packed.offsets, packed.lengths, packed.shape,
+                         packed.bias)  # fmt: skip
+        tiers = cls(
+            packed.order, packed.low_keys.contiguous(), packed.low_values.contiguous(),
+            packed.low_key_params.contiguous(), packed.low_value_params.contiguous(),
+            packed.low_balance.contiguous(), packed.low_keys.shape[0], packed.bits,
+        )  # fmt: skip
+        return Memory.of(plain, None, None), tiers
+
+    @staticmethod
+    def absent(memory: Memory) -> tuple:
+        """Kernel arguments standing for no tiers (the pointers are never read)."""
+        return (memory.keys,) * 6 + (0,)
+
+    def pointers(self) -> tuple:
+        return (
+            self.order, self.low_keys, self.low_values, self.low_key_params, self.low_value_params,
+            self.low_balance, self.low_rows,
+        )  # fmt: skip
+
+
+@triton.jit
+def packed_tile(
+    rows, inside, low_rows, plain_ptr, stride_plain, codes_ptr, params_ptr, balance_ptr,
+    HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BALANCED: tl.constexpr,
+):  # fmt: skip
+    """Float32 [BLOCK_N, HEAD_DIM] tile of the entries whose rows in [low; full precision] are ``rows``:
+    full-precision rows loaded as they are, low rows' codes unpacked and dequantized here (``code *
+    scale + zero``, divided by the balancer when ``BALANCED``). A code starts at bit ``d * BITS`` of
+    its row and may straddle two bytes (3 bits), so two bytes are read for each."""
+    dims = tl.arange(0, HEAD_DIM)
+    low = rows < low_rows
+    high = tl.load(
+        plain_ptr + (rows - low_rows)[:, None] * stride_plain + dims[None, :],
+        mask=(inside & ~low)[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    width: tl.constexpr = HEAD_DIM * BITS // 8
+    bit = dims * BITS
+    byte = bit // 8
+    reading = (inside & low)[:, None]
+    row_codes = codes_ptr + rows[:, None] * width
+    first = tl.load(row_codes + byte[None, :], mask=reading, other=0).to(tl.int32)
+    second = tl.load(row_codes + byte[None, :] + 1, mask=reading & (byte[None, :] + 1 < width), other=0)
+    codes = ((first | (second.to(tl.int32) << 8)) >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+    scale = tl.load(params_ptr + rows * 2, mask=inside & low, other=0.0).to(tl.float32)
+    zero = tl.load(params_ptr + rows * 2 + 1, mask=inside & low, other=0.0).to(tl.float32)
+    dequantized = codes.to(tl.float32) * scale[:, None] + zero[:, None]
+    if BALANCED:
+        dequantized /= tl.load(
+            balance_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=reading, other=1.0
+        )
+    return tl.where(low[:, None], dequantized, high)

@@ -7,7 +7,8 @@ from tiny import write_tiny_checkpoint
 
 import engine
 import policies
-from engine import PrefillConfig
+from backends import Packed
+from engine import GREEDY, PrefillConfig
 from engine.cache import KINDS, LayerMemory
 from engine.chat import main
 from engine.kv_quant import KVCodec
@@ -159,3 +160,19 @@ def test_mikv_is_one_flag_away_and_refuses_a_whole_quantized_memory(llm, capsys)
     assert "Traceback" not in err
     (spec,) = parse_specs("imdc:mikv:64:bits=2")
     assert spec.config.build_policy().low_bits == 2
+
+
+def test_decode_reads_the_packed_tiers_where_the_backend_can(llm, monkeypatch):
+    pytest.importorskip("backends.triton")
+    fast = engine.load(llm.path, backend="triton")
+    config = PrefillConfig(policy="mikv", memory=24, chunk=16, policy_args={"bits": 3})
+    seen = []
+    triton = type(fast.attention_setup(config.build_policy()).backend)
+    original = triton.decode
+    monkeypatch.setattr(
+        triton, "decode", lambda self, q, k, *a, **o: seen.append(type(k)) or original(self, q, k, *a, **o)
+    )
+    plain = llm.complete(llm.prefill(IDS, config), IDS, max_tokens=4, sampling=GREEDY)
+    packed = fast.complete(fast.prefill(IDS, config), IDS, max_tokens=4, sampling=GREEDY)
+    assert seen and all(kind is Packed for kind in seen)
+    assert packed.token_ids == plain.token_ids
