@@ -12,6 +12,8 @@ merged tokens carries log n. KV heads of different lengths come as ``Segments`` 
 then None): each (batch, KV head) its own Lk, the masking above taken per head. A memory partly
 stored as packed codes comes as ``Packed`` in place of k to the ``decode`` of a backend that
 ``reads_packed``; ``Packed.segments()`` is the same memory dequantized, what every other call gets.
+``distant`` (a ``Distant``, to ``prefill`` and ``decode``) gives a second key source for distant keys
+(POD's keys shared across layers): scores use it where it says, values are always ``v``.
 """
 
 from __future__ import annotations
@@ -86,6 +88,24 @@ class Packed:
         )  # fmt: skip
 
 
+@dataclass
+class Distant:
+    """POD's second key source (``engine.pod``): query row i scores key j against ``keys[..., j, :]``
+    (the block leader's rotated key of the same token) in place of k's when j is distant, that is
+    when its position is at least ``initial`` and at least ``recent`` before the query's."""
+
+    keys: torch.Tensor  # [B, Hkv, Lk, D], like k
+    query_positions: torch.Tensor  # [Lq] int64
+    key_positions: torch.Tensor  # [Lk] int64
+    initial: int
+    recent: int
+
+    def mask(self) -> torch.Tensor:
+        """[Lq, Lk] bool: where the score comes from ``keys``."""
+        keys = self.key_positions[None, :]
+        return (keys >= self.initial) & (self.query_positions[:, None] - keys >= self.recent)
+
+
 class KeyStats(NamedTuple):
     # [B, Hkv, Lk] float32: softmax probability summed over scored queries and the group's heads
     # ([B, Hq, Lk], not summed over heads, when asked ``by_query_head``)
@@ -108,6 +128,7 @@ class AttentionSpec:
     segments: bool = False  # KV heads of different lengths (``Segments``)
     bias: bool = False  # per-entry logit biases
     query_head_stats: bool = False  # ``scores(by_query_head=True)``
+    distant: bool = False  # a second key source for distant keys (``Distant``)
 
     def describe(self) -> str:
         window = f", window {self.window}" if self.window else ""
@@ -115,8 +136,9 @@ class AttentionSpec:
         segments = ", heads of different lengths" if self.segments else ""
         bias = ", biased entries" if self.bias else ""
         per_head = ", statistics per query head" if self.query_head_stats else ""
+        distant = ", distant keys shared across layers" if self.distant else ""
         dtype = str(self.dtype).removeprefix("torch.")
-        features = f"{window}{stats}{segments}{bias}{per_head}"
+        features = f"{window}{stats}{segments}{bias}{per_head}{distant}"
         return f"head dim {self.head_dim}, GQA group {self.group}, {dtype} on {self.device}{features}"
 
 
@@ -142,6 +164,7 @@ class Backend:
                 ("heads of different lengths", spec.segments),
                 ("biased entries", spec.bias),
                 ("statistics per query head", spec.query_head_stats),
+                ("distant keys shared across layers", spec.distant),
             )
             if asked
         ]
@@ -159,6 +182,7 @@ class Backend:
         window: int | None = None,
         out: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        distant: Distant | None = None,
     ) -> AttentionOutput:
         """Causal attention of a chunk's queries against memory + chunk keys, with the per-row LSE."""
         raise NotImplementedError
@@ -193,6 +217,7 @@ class Backend:
         window: int | None = None,
         out: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        distant: Distant | None = None,
     ) -> AttentionOutput:
         """One query row per sequence ([B, Hq, 1, D]) against the whole cache."""
         raise NotImplementedError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from backends import AttentionOutput, AttentionSpec, Backend, KeyStats, Segments, register
+from backends import AttentionOutput, AttentionSpec, Backend, Distant, KeyStats, Segments, register
 
 ROW_TILE = 512
 
@@ -25,13 +25,23 @@ def visible(lq: int, lk: int, window: int | None, device: torch.device | str = "
 
 
 def _grouped_scores(
-    q: torch.Tensor, k: torch.Tensor, rows: slice, scale: float, window: int | None, bias: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: slice,
+    scale: float,
+    window: int | None,
+    bias: torch.Tensor | None,
+    distant: Distant | None = None,
 ) -> torch.Tensor:
-    """Masked, scaled, biased float32 scores [B, Hkv, G, rows, Lk] for query rows ``rows``."""
+    """Masked, scaled, biased float32 scores [B, Hkv, G, rows, Lk] for query rows ``rows``, distant
+    keys' scores taken against ``distant.keys``."""
     batch, q_heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     grouped = q[:, :, rows].float().reshape(batch, kv_heads, q_heads // kv_heads, -1, dim)
     scores = grouped @ k.float()[:, :, None].transpose(-1, -2) * scale
+    if distant is not None:
+        shared = grouped @ distant.keys.float()[:, :, None].transpose(-1, -2) * scale
+        scores = torch.where(distant.mask()[rows], shared, scores)
     if bias is not None:
         scores = scores + bias.float()[:, :, None, None, :]
     mask = visible(lq, lk, window, q.device)[rows]
@@ -76,9 +86,13 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def lacks(self, spec: AttentionSpec) -> str | None:
+        if spec.distant and (spec.segments or spec.bias):
+            return "distant keys shared across layers are read on memories of equal heads, unbiased"
         return None
 
-    def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
+    def prefill(
+        self, q, k, v, *, scale=None, window=None, out=None, bias=None, distant=None
+    ) -> AttentionOutput:
         if isinstance(k, Segments):
             parts = per_segment(
                 q, k, lambda qs, ks, vs, bs: self.prefill(qs, ks, vs, scale=scale, window=window, bias=bs)
@@ -98,7 +112,7 @@ class ReferenceBackend(Backend):
         values = v.float()[:, :, None]
         for start in range(0, lq, ROW_TILE):
             rows = slice(start, min(lq, start + ROW_TILE))
-            scores = _grouped_scores(q, k, rows, scale, window, bias)
+            scores = _grouped_scores(q, k, rows, scale, window, bias, distant)
             lse[..., rows] = torch.logsumexp(scores, dim=-1)
             result[..., rows, :] = _probabilities(scores, lse[..., rows]) @ values
         result = result.reshape(batch, q_heads, lq, dim).to(q.dtype)
@@ -148,8 +162,10 @@ class ReferenceBackend(Backend):
             count[b, h, longest - n :] = stats.count
         return KeyStats(mass.reshape(batch, kv_heads * rows, longest), count)
 
-    def decode(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
-        return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)
+    def decode(
+        self, q, k, v, *, scale=None, window=None, out=None, bias=None, distant=None
+    ) -> AttentionOutput:
+        return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
 
 
 register("reference")(ReferenceBackend)

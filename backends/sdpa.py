@@ -18,9 +18,12 @@ from backends.reference import ROW_TILE, ReferenceBackend, _default_scale, _writ
 class SdpaBackend(ReferenceBackend):
     name = "sdpa"
 
-    def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
-        if isinstance(k, Segments):  # each segment comes back here as a plain tensor
-            return super().prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)
+    def prefill(
+        self, q, k, v, *, scale=None, window=None, out=None, bias=None, distant=None
+    ) -> AttentionOutput:
+        # Each segment comes back here as a plain tensor; two key sources need the scores built.
+        if isinstance(k, Segments) or distant is not None:
+            return super().prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
         lq, lk = q.shape[2], k.shape[2]
         if bias is not None:
             # A float mask adds to the scores: the bias, and -inf where a key is not visible.
@@ -77,9 +80,11 @@ class SdpaBackend(ReferenceBackend):
         mass = mass.reshape(batch, q_heads if by_query_head else kv_heads, lk)
         return KeyStats(_write(mass, out), count)
 
-    def decode(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
-        if isinstance(k, Segments) or bias is not None or q.dtype != torch.bfloat16:
-            return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias)
+    def decode(
+        self, q, k, v, *, scale=None, window=None, out=None, bias=None, distant=None
+    ) -> AttentionOutput:
+        if isinstance(k, Segments) or bias is not None or distant is not None or q.dtype != torch.bfloat16:
+            return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
         # One bfloat16 row: the fused kernel is slow there (25x at 8k keys); two grouped products in
         # bfloat16 with a float32 softmax are faster than even float32 SDPA.
         if window is not None:

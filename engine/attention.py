@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from backends import Backend, KeyStats, Packed, Segments
+from backends import Backend, Distant, KeyStats, Packed, Segments
 from engine.cache import KVMemory, LayerMemory
+from engine.pod import PodPlan
 from models.rope import Rope
 from policies import Candidates, Policy, PolicyError, Selection
 
@@ -39,6 +40,7 @@ class AttentionSetup:
     positions: str  # "compact": renumber [sinks; memory; new] as 0..n-1; "original": true positions
     window: int | None  # sliding window of the model, in key indices
     num_layers: int
+    pod: PodPlan | None = None  # distant keys shared across layers (``engine.pod``)
 
 
 class MemoryAttention:
@@ -103,8 +105,9 @@ class MemoryAttention:
         else:
             keys, values, bias = self._segments(layer_memory), None, None
         attend = setup.backend.decode if decoding else setup.backend.prefill
+        distant = self._distant(layer, layer_memory, original) if setup.pod is not None else None
         # Only features in use are passed: a plugin backend written for plain memories still serves them.
-        result = attend(q, keys, values, window=setup.window, **_given(bias=bias))
+        result = attend(q, keys, values, window=setup.window, **_given(bias=bias, distant=distant))
         self._compress(layer, layer_memory, q, keys, result.lse, new, bias)
         return result.out
 
@@ -124,6 +127,20 @@ class MemoryAttention:
         grouped = q.view(batch, k.shape[1], q_heads // k.shape[1], count, dim)
         rotated_q = Rope.apply(grouped, cos[:, :, None], sin[:, :, None]).view(q.shape)
         return rotated_q, Rope.apply(k, cos, sin)
+
+    def _distant(self, layer: int, memory: LayerMemory, original: torch.Tensor) -> Distant | None:
+        """POD's distant keys for ``layer``: each follower KV head reads its block leader's (a lower
+        layer, so it already holds this step's keys); every layer holds the same tokens (the memory
+        is not compressed)."""
+        pod = self.setup.pod
+        followers = pod.followers(layer)
+        if not followers:
+            return None
+        leaders = pod.leaders[layer]
+        keys = torch.stack(
+            [self.memory.layers[leaders[head]].rotated[:, head] for head in range(len(leaders))], dim=1
+        )
+        return Distant(keys, original, memory.positions[0, 0], pod.initial, pod.recent)
 
     @staticmethod
     def _segments(memory: LayerMemory) -> Segments:

@@ -20,6 +20,7 @@ from engine.checkpoint import DTYPES, load_gguf, load_model
 from engine.config import ModelConfig
 from engine.generate import Sampler, Sampling, generate_tokens
 from engine.peak_memory import require_available
+from engine.pod import PodSettings, plan_for
 from engine.prefill import PrefillConfig, PrefillResult, prefill_bytes, run_prefill
 from engine.reform import ReformStats
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_from
@@ -79,10 +80,13 @@ class LLM:
             low_bits=prefill.build_policy().low_bits,
         )  # fmt: skip
 
-    def attention_setup(self, policy: Policy, positions: str = "compact") -> AttentionSetup:
-        """What a prefill or generation with ``policy`` runs with: the policy prepared for this model
-        (its calibration read), and the backend resolved for what the policy asks of attention."""
+    def attention_setup(
+        self, policy: Policy, positions: str = "compact", pod: PodSettings | None = None
+    ) -> AttentionSetup:
+        """What a prefill or generation with ``policy`` (and ``pod``) runs with: the policy prepared for
+        this model (its calibration read), and the backend resolved for what they ask of attention."""
         policy.prepare(self.model_facts())
+        plan = None if pod is None else plan_for(self, pod)
         spec = backends.AttentionSpec(
             head_dim=self.config.head_dim,
             group=self.config.group,
@@ -93,6 +97,7 @@ class LLM:
             segments=policy.head_wise,
             bias=policy.merges,
             query_head_stats=policy.needs.by_query_head,
+            distant=plan is not None,
         )
         if spec not in self._resolved:
             self._resolved[spec] = backends.resolve(self.backend, spec)
@@ -103,6 +108,7 @@ class LLM:
             positions,
             self.model.sliding_window,
             self.config.num_layers,
+            plan,
         )
 
     def model_facts(self) -> ModelFacts:
@@ -171,7 +177,7 @@ class LLM:
         memory = memory if memory is not None else self.new_memory(config)
         tokens = self._tensor(ids)
         policy = config.build_policy()
-        setup = self.attention_setup(policy, config.positions)
+        setup = self.attention_setup(policy, config.positions, config.pod_settings())
         plan = config.plan(tokens.shape[1], held=held)
         require_available(
             prefill_bytes(self.config, memory, plan, len(policy.state)),
@@ -248,7 +254,7 @@ class LLM:
         if config.reform is not None:  # the recomputed cache is exact: generation keeps all of it
             config = PrefillConfig(positions=config.positions)
         memory = result.memory
-        setup = self.attention_setup(config.build_policy(), config.positions)
+        setup = self.attention_setup(config.build_policy(), config.positions, config.pod_settings())
         slack = None if config.decode_memory is None else max(16, config.decode_memory // 8)
 
         @torch.inference_mode()

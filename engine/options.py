@@ -15,6 +15,7 @@ import backends
 from engine.cli import parse_options, parse_size
 from engine.generate import Sampling
 from engine.llm import LLM, load
+from engine.pod import OPTIONS as POD_OPTIONS
 from engine.prefill import FULL_SCHEDULE, NO_POLICY, PrefillConfig
 from engine.reform import Reform
 from engine.registry import load_plugin
@@ -80,6 +81,14 @@ def add_prefill_options(p: argparse.ArgumentParser) -> None:
         "--schedule-arg", action="append", default=[], metavar="KEY=VALUE", help="e.g. shape=sqrt"
     )
     long.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+    pod = p.add_argument_group(
+        "POD: distant keys shared across blocks of layers (full attention's memory, training-free)"
+    )
+    pod.add_argument("--pod", action="store_true", help="share distant keys as POD does")
+    pod.add_argument(
+        "--pod-arg", action="append", default=[], metavar="KEY=VALUE",
+        help=f"one of {', '.join(POD_OPTIONS)} (e.g. threshold=0.7)",
+    )  # fmt: skip
     reform = p.add_argument_group(
         "REFORM: read a document with the memory above, answer each question from an exact cache "
         "recomputed over the document tokens gathered for it"
@@ -99,6 +108,8 @@ def prefill_config(args: argparse.Namespace) -> PrefillConfig:
         load_plugin(module)
     if args.reform_arg and not args.reform:
         raise ValueError("--reform-arg sets REFORM's options: add --reform")
+    if args.pod_arg and not args.pod:
+        raise ValueError("--pod-arg sets POD's options: add --pod")
     return build_prefill(
         schedule=args.schedule,
         policy=args.policy,
@@ -112,6 +123,7 @@ def prefill_config(args: argparse.Namespace) -> PrefillConfig:
         decode_memory=args.decode_memory,
         kv_bits=args.kv_bits,
         reform=parse_options(args.reform_arg, "--reform-arg") if args.reform else None,
+        pod=parse_options(args.pod_arg, "--pod-arg") if args.pod else None,
         names=CLI_NAMES,
     )
 

@@ -20,6 +20,7 @@ from engine.config import ModelConfig
 from engine.kv_quant import check_bits
 from engine.notices import notice
 from engine.peak_memory import begin_step, step_peak
+from engine.pod import PodSettings
 
 if TYPE_CHECKING:
     from engine.reform import Reform
@@ -50,7 +51,9 @@ class PrefillConfig:
     the tokens gathered for each question (see ``engine.reform``). ``kv_bits`` (2, 3, 4 or 8) stores
     the memory's keys and values quantized (``engine.kv_quant``): about 2-8x more tokens per byte.
     ``memory_bytes`` gives the budget in bytes instead: the model turns it into the most tokens whose
-    entries (sinks included, at ``kv_bits``) fit, replacing ``memory`` (``LLM.sized``).
+    entries (sinks included, at ``kv_bits``) fit, replacing ``memory`` (``LLM.sized``). ``pod``
+    (options of ``engine.pod.PodSettings``, ``{}`` for its defaults) shares distant keys across layers
+    as POD does, over full attention's memory.
     """
 
     schedule: str | None = None
@@ -66,6 +69,7 @@ class PrefillConfig:
     reform: Reform | None = None
     kv_bits: int | None = None
     memory_bytes: int | None = None
+    pod: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from engine.reform import Reform
@@ -103,6 +107,13 @@ class PrefillConfig:
                 "decode memory to compress only while generating"
             )
         self.build_schedule()
+        if self.pod is not None:
+            self.pod_settings()
+            if compressing or self.reform is not None or self.kv_bits is not None or self.memory_bytes:
+                raise ValueError(
+                    "POD shares distant keys over full attention's memory here: a bounded memory with it "
+                    "(a policy, REFORM, kv_bits or a byte budget) is not built yet; drop one of them"
+                )
         demotes_to = self.build_policy().low_bits
         if self.kv_bits is not None and demotes_to is not None:
             raise ValueError(
@@ -115,6 +126,9 @@ class PrefillConfig:
 
     def build_policy(self) -> policies.Policy:
         return policies.get(self.policy, **self.policy_args)
+
+    def pod_settings(self) -> PodSettings | None:
+        return None if self.pod is None else PodSettings.of(self.pod)
 
     def plan(self, length: int, *, held: int | None = None) -> list[schedules.Step]:
         """The steps for ``length`` new tokens fed to a new memory (``held`` None) or to one that

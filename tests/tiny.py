@@ -123,6 +123,9 @@ def write_calibration(llm: Any, seed: int = 0) -> Path:
             "retrieval": table(c.num_heads),
             "layer_error": torch.rand(c.num_layers, generator=generator).tolist(),
         },
+        "pod": {
+            "similarity": torch.rand(c.num_kv_heads, c.num_layers, c.num_layers, generator=generator).tolist()
+        },
     }
     path = Path(llm.path) / calibration.CHECKPOINT_FILE
     path.write_text(json.dumps(data))

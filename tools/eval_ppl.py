@@ -104,8 +104,9 @@ def last_chunk_nll(llm: LLM, ids: Sequence[int], config: PrefillConfig, eval_tok
     into a memory by ``config``."""
     head, tail = list(ids[:-eval_tokens]), list(ids[-eval_tokens:])
     result = llm.prefill(head, config)
-    # The tail is fed in one step with no compression, against the memory as the config left it.
-    setup = llm.attention_setup(PrefillConfig().build_policy(), config.positions)
+    # The tail is fed in one step with no compression, against the memory as the config left it
+    # (keys still shared across layers under POD).
+    setup = llm.attention_setup(PrefillConfig().build_policy(), config.positions, config.pod_settings())
     tokens = torch.tensor([tail], device=llm.device)
     plan = [schedules.Step(len(tail), None)]
     tail_logits = run_prefill(llm.model, result.memory, tokens, plan, setup, all_logits=True).logits[0]

@@ -8,7 +8,8 @@ One section per method, each measured as its paper does (see ``tools/calibrate/`
 (REFORM's embedding heads, by mean normalised rank on pattern-matching and multi-hop prompts),
 ``razor`` (RazorAttention's echo and induction scores on repeated random tokens), ``duo``
 (DuoAttention's training-free proxy, kvpress's), ``compresskv`` (CompressKV's semantic retrieval heads
-on needle prompts, and each layer's error under compression). Nothing is calibrated at chat time.
+on needle prompts, and each layer's error under compression), ``pod`` (how alike layers attend to
+distant tokens, per KV head: POD's layer blocks). Nothing is calibrated at chat time.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from tqdm import tqdm
 from engine.calibration import CHECKPOINT_FILE, FORMAT, identity
 from engine.cli import run_main
 from engine.config import read_json_object
-from tools.calibrate import compresskv, duo, razor, reform
+from tools.calibrate import compresskv, duo, pod, razor, reform
 from tools.report import ToolError, tool_parser
 from tools.shapes import add_model_options, load_from_args
 
 TOOL = "find_heads"
-METHODS = {module.NAME: module for module in (reform, razor, duo, compresskv)}
+METHODS = {module.NAME: module for module in (reform, razor, duo, compresskv, pod)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,6 +67,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise ToolError("sample counts and --per-task must be at least 1, --length at least 256 tokens")
     if args.razor_length is not None and args.razor_length < 2:
         raise ToolError("--razor-length must be at least 2 tokens")
+    for name in methods:
+        getattr(METHODS[name], "check", lambda args: None)(args)
     llm = load_from_args(args)
     if llm.tokenizer is None:
         raise ToolError("calibration prompts need a checkpoint with a tokenizer (--model DIR)")

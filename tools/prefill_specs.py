@@ -6,7 +6,9 @@ passes a policy option to this config alone (``--policy-arg`` passes one to ever
 is one full-attention step with no compression. ``reform:imdc:h2o:256`` reads that way and answers
 by REFORM (``engine.reform``); its options (``gather=2048``, ``pool``, ``prefix``, ``suffix``, ...)
 sit among the policy's, as does ``kv_bits=4``, which stores the memory quantized
-(``engine.kv_quant``; ``full:kv_bits=4`` for full attention). M may be a size instead of tokens:
+(``engine.kv_quant``; ``full:kv_bits=4`` for full attention). ``full:pod=0.7`` shares distant keys
+across layers as POD does at threshold 0.7 (``pod_initial=``, ``pod_recent=``; ``engine.pod``).
+M may be a size instead of tokens:
 ``fixed:mikv:64MiB:1024`` keeps what fits in 64 MiB (``--memory-bytes``; C must then be given).
 """
 
@@ -29,6 +31,7 @@ from tools.report import ToolError
 FULL = "full"
 REFORM = "reform"
 MEMORY_OPTIONS = ("kv_bits",)  # options of the memory itself, not of the policy
+POD_PREFIX = "pod"  # pod=THRESHOLD, pod_initial=, pod_recent=: POD's options (``engine.pod``)
 SIZE = re.compile(r"[\d.]+\s*[KMG]i?B", re.IGNORECASE)  # an M in bytes: 64MiB, 1.5GB
 
 
@@ -94,8 +97,12 @@ def parse_spec(
 def _memory_options(options: dict[str, Any], text: str) -> dict[str, Any]:
     """Take the memory's own options (``kv_bits``) out of ``options``; a full config has no others."""
     taken = {key: options.pop(key) for key in MEMORY_OPTIONS if key in options}
+    pod = {key: options.pop(key) for key in list(options) if key.split("_")[0] == POD_PREFIX}
+    if pod:  # pod=THRESHOLD, pod_recent=N: PodSettings' fields
+        taken["pod"] = {key.partition("_")[2] or "threshold": value for key, value in pod.items()}
     if text.split(":")[0] == FULL and options:
-        allowed, given = ", ".join(MEMORY_OPTIONS), ", ".join(options)
+        allowed = ", ".join((*MEMORY_OPTIONS, "pod", "pod_initial", "pod_recent"))
+        given = ", ".join(options)
         raise ToolError(f"config {text!r}: full attention takes only {allowed}, not {given}")
     return taken
 

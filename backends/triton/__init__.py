@@ -48,6 +48,8 @@ class TritonBackend(Backend):
             return "the GQA group and window must be positive"
         if not _runs_on(torch.device(spec.device)):
             return "its kernels run on CUDA devices, or interpreted on the CPU (TRITON_INTERPRET=1)"
+        if spec.distant:
+            return "its kernels read one key source (POD's distant keys are the reference backend's)"
         return None
 
     def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:

@@ -470,7 +470,7 @@ def test_results_renders_every_report_and_marks_smoke_runs(monkeypatch, tmp_path
     section = page.split("## Prefill schedules on the CPU, SnapKV (default model)")[1].split("\n## ")[0]
     assert "Smoke run" in section and "| source | schedule |" in section
     assert "![bench_prefill](bench_prefill_cpu_snapkv.png)" in section
-    assert "Not measured yet" in page and "## The paper's numbers" in page and "15.1" in page
+    assert "Not measured yet" in page and "## The papers' numbers" in page and "15.1" in page
     for run in results.RUNS:
         assert run.command in page
     assert "No full measurement yet" in readme.read_text()

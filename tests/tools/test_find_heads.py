@@ -17,11 +17,17 @@ from tools.calibrate import razor
 def test_a_tiny_checkpoint_gets_every_section_in_the_right_shapes(tmp_path, capsys):
     directory = write_tiny_checkpoint(tmp_path / "tiny")
     argv = ["-m", str(directory), "--length", "600", "--samples", "1", "--duo-samples", "2",
-            "--compresskv-samples", "2", "--compresskv-budget", "64"]  # fmt: skip
+            "--compresskv-samples", "2", "--compresskv-budget", "64", "--pod-samples", "1",
+            "--pod-recent", "256"]  # fmt: skip
     assert find_heads.main(argv) == 0
     data = json.loads((directory / "calibration.json").read_text())
     layers, kv_heads, heads = 2, 2, 4
-    assert set(data) == {"format", "model", "reform", "razor", "duo", "compresskv"}
+    assert set(data) == {"format", "model", "reform", "razor", "duo", "compresskv", "pod"}
+    similarity = torch.tensor(data["pod"]["similarity"])
+    assert similarity.shape == (kv_heads, layers, layers) and torch.equal(
+        similarity, similarity.transpose(1, 2)
+    )
+    assert ((similarity >= 0) & (similarity <= 1)).all() and (similarity.diagonal(dim1=1, dim2=2) == 1).all()
     for section, name, width in [
         ("razor", "induction", kv_heads), ("razor", "echo", kv_heads), ("duo", "proxy", kv_heads),
         ("compresskv", "retrieval", heads),
@@ -44,7 +50,15 @@ def test_a_tiny_checkpoint_gets_every_section_in_the_right_shapes(tmp_path, caps
     assert again["reform"] == reform and again["duo"]["samples"] == 1
 
 
-@pytest.mark.parametrize("argv", [["--methods", "oracle"], ["--duo-samples", "0"], ["--razor-length", "1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--methods", "oracle"],
+        ["--duo-samples", "0"],
+        ["--razor-length", "1"],
+        ["--methods", "pod", "--length", "600"],
+    ],
+)
 def test_bad_settings_are_one_line(argv, tmp_path, capsys):
     directory = write_tiny_checkpoint(tmp_path / "t")
     capsys.readouterr()

@@ -2,7 +2,8 @@
 
 Each method module has ``NAME`` (its section of the calibration file), ``add_options(parser)``,
 ``units(args)`` (steps of work, for the progress bar), ``calibrate(llm, args, advance)`` returning its
-section, and ``summary(section)`` (one line for the terminal).
+section, and ``summary(section)`` (one line for the terminal); optionally ``check(args)``, which
+refuses its settings before anything runs.
 """
 
 from __future__ import annotations
