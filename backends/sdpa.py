@@ -4,6 +4,12 @@ SDPA returns no LSE, so this backend's statistics recompute the scores of just t
 scores: cheap for a last-``w`` window, a full recomputation for "all queries", done as one batched
 product and a fused softmax per tile of rows (the reference spells each step out instead). It is the
 fast path on the CPU (6-10x the explicit float32 math there).
+
+POD's two key sources (``Distant``) take two fused passes per tile of query rows, one over the own
+keys of the proximal columns and one over the shared keys of the distant columns, merged by their
+LSE into the one softmax over both; each pass reads only the columns it needs, so together they
+cost about one pass over all keys. The fused kernel that returns an LSE is PyTorch's CPU flash
+attention; elsewhere the reference's scores are built instead.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backends import AttentionOutput, KeyStats, Segments, register
+from backends import AttentionOutput, Distant, KeyStats, Segments, register
 from backends.reference import ROW_TILE, ReferenceBackend, _default_scale, _write, visible
 
 
@@ -21,7 +27,9 @@ class SdpaBackend(ReferenceBackend):
     def prefill(
         self, q, k, v, *, scale=None, window=None, out=None, bias=None, distant=None
     ) -> AttentionOutput:
-        # Each segment comes back here as a plain tensor; two key sources need the scores built.
+        if distant is not None and _FLASH_WITH_LSE is not None and q.device.type == "cpu" and bias is None:
+            return _two_sources(q, k, v, distant, _default_scale(q, scale), window, out)
+        # Each segment comes back here as a plain tensor.
         if isinstance(k, Segments) or distant is not None:
             return super().prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
         lq, lk = q.shape[2], k.shape[2]
@@ -97,6 +105,63 @@ class SdpaBackend(ReferenceBackend):
         scores = torch.bmm(grouped, keys.transpose(1, 2)).float() * _default_scale(q, scale)
         result = torch.bmm(scores.softmax(dim=-1).to(v.dtype), values).reshape(batch, q_heads, 1, dim)
         return AttentionOutput(_write(result, out), None)
+
+
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _two_sources(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distant: Distant, scale: float, window: int | None,
+    out: torch.Tensor | None,
+) -> AttentionOutput:  # fmt: skip
+    """POD's attention by two fused passes per tile of rows (see the module's docstring); the keys'
+    positions ascend, as in the uncompressed memory POD reads."""
+    batch, q_heads, lq, dim = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    positions = distant.key_positions
+    sinks = int((positions < distant.initial).sum())  # memory order is position order: sinks first
+    result = torch.empty_like(q)
+    lse = torch.empty(batch, q_heads, lq, dtype=torch.float32, device=q.device)
+    for start in range(0, lq, ROW_TILE):
+        rows = slice(start, min(lq, start + ROW_TILE))
+        count = rows.stop - rows.start
+        at = distant.query_positions[rows]
+        seen = visible(lq, lk, window, q.device)[rows]
+        far = seen & distant.mask()[rows]
+        # Columns either pass can see: sinks and the newest band (proximal), and the distant span.
+        near_from = int(torch.searchsorted(positions, int(at.min()) - distant.recent + 1))
+        far_to = int(torch.searchsorted(positions, int(at.max()) - distant.recent + 1))
+        near_columns = torch.cat((torch.arange(sinks), torch.arange(max(near_from, sinks), lk))).to(q.device)
+        queries = q[:, :, rows].reshape(batch, kv_heads, group * count, dim)
+        parts = [_pass(queries, k, v, near_columns, (seen & ~far)[:, near_columns], group, scale)]
+        if far_to > sinks and far[:, sinks:far_to].any():
+            span = torch.arange(sinks, far_to, device=q.device)
+            parts.append(_pass(queries, distant.keys, v, span, far[:, span], group, scale))
+        outputs, lses = zip(*parts, strict=True)
+        top = torch.stack(lses).amax(dim=0)
+        weights = [torch.exp(part - top) for part in lses]
+        total = sum(weights)
+        merged = (
+            sum(w[..., None] * o.float() for w, o in zip(weights, outputs, strict=True)) / total[..., None]
+        )
+        result[:, :, rows] = merged.view(batch, q_heads, count, dim).to(q.dtype)
+        lse[:, :, rows] = (top + total.log()).view(batch, q_heads, count)
+    return AttentionOutput(_write(result, out), lse)
+
+
+def _pass(queries, keys, values, columns, mask, group, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention of ``queries`` [B, Hkv, G*rows, D] (a group's heads as rows) over ``columns``
+    of ``keys``/``values``, where ``mask`` [rows, len(columns)] allows; rows that see none of them get
+    LSE -inf (the kernel reports 0)."""
+    allowed = mask.repeat(group, 1)
+    bias = torch.zeros(allowed.shape, dtype=queries.dtype, device=queries.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+    output, lse = _FLASH_WITH_LSE(
+        queries, keys[:, :, columns], values[:, :, columns], 0.0, False, attn_mask=bias, scale=scale
+    )
+    return output, lse.float().masked_fill(~allowed.any(dim=-1), float("-inf"))
 
 
 register("sdpa")(SdpaBackend)

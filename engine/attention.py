@@ -14,7 +14,7 @@ import torch
 
 from backends import Backend, Distant, KeyStats, Packed, Segments
 from engine.cache import KVMemory, LayerMemory
-from engine.pod import PodPlan
+from engine.pod import PodPlan, adapted, fit_adapter
 from models.rope import Rope
 from policies import Candidates, Policy, PolicyError, Selection
 
@@ -137,10 +137,16 @@ class MemoryAttention:
         if not followers:
             return None
         leaders = pod.leaders[layer]
-        keys = torch.stack(
-            [self.memory.layers[leaders[head]].rotated[:, head] for head in range(len(leaders))], dim=1
-        )
-        return Distant(keys, original, memory.positions[0, 0], pod.initial, pod.recent)
+        sources = [self.memory.layers[leader] for leader in leaders]
+        keys = torch.stack([source.rotated[:, head] for head, source in enumerate(sources)], dim=1)
+        positions = memory.positions[0, 0]
+        if pod.adapt:  # fitted on the proximal tokens of the newest query, whose own keys a follower keeps
+            proximal = (positions < pod.initial) | (positions > int(original[-1]) - pod.recent)
+            lead = torch.stack([source.keys[:, head] for head, source in enumerate(sources)], dim=1)
+            scale = fit_adapter(memory.keys[:, :, proximal], lead[:, :, proximal])
+            leading = torch.tensor([leader == layer for leader in leaders], device=scale.device)
+            keys = adapted(keys, scale.masked_fill(leading[:, None], 1))  # a leader's keys are its own
+        return Distant(keys, original, positions, pod.initial, pod.recent)
 
     @staticmethod
     def _segments(memory: LayerMemory) -> Segments:

@@ -13,7 +13,9 @@ model as it is, so expect a loss that a stricter ``threshold`` (shorter blocks) 
 Parameters: ``threshold`` (0.5, the paper's): a layer joins the block below when the similarity of
 its distant attention to the block leader's is at least this (0: one block per head, 1: no sharing);
 ``initial`` (16, the paper's) and ``recent`` (1024: the paper keeps 4080 of a 32k context, an eighth;
-an eighth of the default model's 8192-token window) proximal tokens.
+an eighth of the default model's 8192-token window) proximal tokens; ``adapt`` (off): a training-free
+mitigation, a closed-form key adapter (``fit_adapter``) that maps the leader's keys towards the
+follower's own, fitted at each step on the proximal tokens, for which a follower holds both.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 NAME = "pod"  # its section of the calibration file
-OPTIONS = ("threshold", "initial", "recent")
+OPTIONS = ("threshold", "initial", "recent", "adapt")
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,12 @@ class PodSettings:
     threshold: float = 0.5
     initial: int = 16
     recent: int = 1024
+    adapt: bool = False
 
     def __post_init__(self) -> None:
+        if self.adapt not in (True, False, 0, 1):
+            raise ValueError(f"pod adapt must be 0 or 1, got {self.adapt!r}")
+        object.__setattr__(self, "adapt", bool(self.adapt))
         threshold = self.threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"pod threshold must be a number from 0 to 1, got {threshold!r}")
@@ -59,6 +65,7 @@ class PodPlan:
     leaders: tuple[tuple[int, ...], ...]
     initial: int
     recent: int
+    adapt: bool = False
 
     def followers(self, layer: int) -> list[int]:
         """The KV heads of ``layer`` that read another layer's distant keys."""
@@ -104,8 +111,29 @@ def js_similarity(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 1 - ((kl(p) + kl(q)) / 2).clamp(0, 1)
 
 
+def fit_adapter(own: torch.Tensor, leader: torch.Tensor) -> torch.Tensor:
+    """The complex scale per rotary pair [..., D/2] that best maps ``leader``'s pre-RoPE keys onto
+    ``own`` ([..., n, D], least squares over the n tokens): channels c and c + D/2 as one complex
+    number, so that scaling commutes with RoPE (a rotation of each such pair) and serves rotated keys."""
+    lead, mine = _complex(leader.float()), _complex(own.float())
+    energy = lead.abs().square().sum(dim=-2)
+    scale = (lead.conj() * mine).sum(dim=-2) / energy.clamp_min(1e-12)
+    return torch.where(energy > 0, scale, 1)
+
+
+def adapted(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``keys`` [..., n, D] with each rotary pair multiplied by ``scale`` [..., D/2] (``fit_adapter``)."""
+    result = torch.view_as_real(_complex(keys.float()) * scale[..., None, :])
+    return torch.cat((result[..., 0], result[..., 1]), dim=-1).to(keys.dtype)
+
+
+def _complex(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.complex(x[..., :half], x[..., half:])
+
+
 def plan_for(llm: Any, settings: PodSettings) -> PodPlan:
     """The blocks of ``llm`` at ``settings.threshold``, from its calibration file."""
     section = llm.calibration(NAME)
     leaders = group_layers(section["similarity"], settings.threshold)
-    return PodPlan(leaders, settings.initial, settings.recent)
+    return PodPlan(leaders, settings.initial, settings.recent, settings.adapt)

@@ -115,9 +115,13 @@ MIKV_CONFIGS = (
     "full,fixed:snapkv:17MiB,fixed:h2o:17MiB,fixed:mikv:17MiB,fixed:mikv:17MiB:bits=2,"
     "fixed:snapkv:17MiB:kv_bits=8,fixed:snapkv:17MiB:kv_bits=4"
 )
-# POD over full attention at thresholds 0.5 / 0.7 / 0.9, and SnapKV at the bytes POD at 0.5 would hold
+# POD over full attention at thresholds 0.5 / 0.7 / 0.9 (and 0.5 with the key adapter), and SnapKV at the
+# bytes POD at 0.5 would hold
 # (the default model's blocks: 14% of K and V saved at 4096 tokens, 16.5% at 8192, engine.pod.PodPlan).
-POD_CONFIGS = "full,full:pod=0.5,full:pod=0.7,full:pod=0.9,imdc:snapkv:3520:1024,imdc:snapkv:6840:1024"
+POD_CONFIGS = (
+    "full,full:pod=0.5,full:pod=0.7,full:pod=0.9,full:pod=0.5:pod_adapt=1,"
+    "fixed:snapkv:3520:1024,fixed:snapkv:6840:1024"
+)
 RUNS = (
     Run(
         "Prefill schedules on the CPU, SnapKV (default model)",
@@ -273,7 +277,7 @@ RUNS = (
         "CPU",
         _command(
             "eval_longctx",
-            "--tasks passkey,niah_single,niah_multikey,niah_multivalue,qa1 --lengths 4096,8192 --samples 2 "
+            "--tasks passkey,niah_single,niah_multikey --lengths 4096,8192 --samples 2 "
             f"--chunk 1024 --configs {POD_CONFIGS}",
             "pod_longctx",
         ),
@@ -282,8 +286,8 @@ RUNS = (
         "POD, training-free: last-chunk perplexity",
         "CPU",
         _command(
-            "eval_ppl", "--length 8192 --samples 3 --eval-tokens 1024 "
-            "--configs full,full:pod=0.5,full:pod=0.7,full:pod=0.9", "pod_ppl",
+            "eval_ppl", "--length 8192 --samples 2 --eval-tokens 1024 "
+            "--configs full,full:pod=0.5,full:pod=0.7,full:pod=0.9,full:pod=0.5:pod_adapt=1", "pod_ppl",
         ),
     ),
     Run(

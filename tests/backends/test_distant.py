@@ -62,3 +62,14 @@ def test_the_triton_kernels_say_they_do_not_read_two_key_sources():
     reason = backends.get("triton").lacks(spec)
     assert reason is not None and "one key source" in reason
     assert backends.resolve("auto", spec).name in ("sdpa", "reference")
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_the_fused_two_pass_path_equals_the_reference(window):
+    """sdpa's two fused passes merged by LSE, over tiles of rows, against the reference's scores."""
+    q, k, v, shared = inputs(lq=700, lk=760, seed=4)
+    distant = Distant(shared, torch.arange(60, 760), torch.arange(760), initial=3, recent=50)
+    expected = backends.get("reference").prefill(q, k, v, window=window, distant=distant)
+    fused = backends.get("sdpa").prefill(q, k, v, window=window, distant=distant)
+    torch.testing.assert_close(fused.out, expected.out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.lse, expected.lse, rtol=1e-5, atol=1e-5)

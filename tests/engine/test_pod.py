@@ -2,6 +2,7 @@
 follower layer's distant keys from its block leader."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from tiny import write_calibration, write_tiny_checkpoint
 import engine
 from engine import GREEDY, PrefillConfig
 from engine.calibration import CalibrationError
-from engine.pod import PodPlan, PodSettings, group_layers, js_similarity
+from engine.config import RopeConfig
+from engine.pod import PodPlan, PodSettings, adapted, fit_adapter, group_layers, js_similarity
+from models.rope import Rope
 from tools.prefill_specs import parse_specs
 
 IDS = torch.randint(3, 320, (60,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -45,10 +48,10 @@ def test_the_bytes_saved_follow_the_notes_arithmetic():
     assert plan.saving(512) == 0
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+@pytest.fixture(scope="module", params=["reference", "sdpa"])
+def llm(request, tmp_path_factory):
     directory = write_tiny_checkpoint(tmp_path_factory.mktemp("pod") / "ckpt")
-    llm = engine.load(directory, backend="reference")
+    llm = engine.load(directory, backend=request.param)
     write_calibration(llm)
     return llm
 
@@ -98,6 +101,7 @@ def test_generation_shares_keys_too_and_equals_dense_without_sharing(llm):
         (dict(pod={"threshold": 2}), "pod threshold must be a number from 0 to 1"),
         (dict(pod={"recent": 0}), "pod recent must be a positive number of tokens"),
         (dict(pod={"window": 3}), "unknown pod option window"),
+        (dict(pod={"adapt": 2}), "pod adapt must be 0 or 1"),
         (dict(pod={}, policy="snapkv"), "bounded memory with it .* is not built yet"),
         (dict(pod={}, kv_bits=8), "bounded memory with it .* is not built yet"),
     ],
@@ -122,10 +126,34 @@ def test_a_calibration_without_pods_section_names_the_command(llm):
 
 
 def test_settings_defaults_are_the_papers_initial_and_an_eighth_of_the_window():
-    assert PodSettings() == PodSettings(threshold=0.5, initial=16, recent=1024)
+    assert PodSettings() == PodSettings(threshold=0.5, initial=16, recent=1024, adapt=False)
 
 
 def test_the_tools_specs_name_pod_on_full_attention():
     (named,) = parse_specs("full:pod=0.7:pod_recent=512")
     assert named.label == "full:pod=0.7:pod_recent=512"
     assert named.config.pod_settings() == PodSettings(threshold=0.7, recent=512)
+
+
+def test_the_key_adapter_recovers_a_scale_per_rotary_pair_and_commutes_with_rope():
+    generator = torch.Generator().manual_seed(3)
+    leader = torch.randn(2, 40, 8, generator=generator)
+    scale = torch.complex(torch.randn(2, 4, generator=generator), torch.randn(2, 4, generator=generator))
+    own = adapted(leader, scale)
+    torch.testing.assert_close(fit_adapter(own, leader), scale)
+    # by hand, one pair: (x1, x2) = (1, 2) times 2i is (-4, 2)
+    pair = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    torch.testing.assert_close(adapted(pair, torch.tensor([2j, 1])), torch.tensor([[-4.0, 0.0, 2.0, 0.0]]))
+    rope = Rope(8, RopeConfig(theta=10000.0))
+    positions = torch.arange(40)
+    torch.testing.assert_close(rope.rotate(own, positions), adapted(rope.rotate(leader, positions), scale))
+
+
+def test_the_adapter_changes_only_followers_and_runs_end_to_end(llm):
+    dense = llm.logits(IDS)[-1]
+    none_shared = llm.prefill(IDS, PrefillConfig(pod={"threshold": 1.0, "adapt": 1}))
+    torch.testing.assert_close(none_shared.logits[0].float(), dense, rtol=1e-4, atol=1e-4)
+    shared = PrefillConfig(pod={"threshold": 0.0, "initial": 2, "recent": 8})
+    plain = llm.prefill(IDS, shared).logits[0].float()
+    fitted = llm.prefill(IDS, replace(shared, pod={**shared.pod, "adapt": 1})).logits[0].float()
+    assert not torch.equal(plain, fitted) and torch.isfinite(fitted).all()
