@@ -100,10 +100,10 @@ class Distant:
     initial: int
     recent: int
 
-    def mask(self) -> torch.Tensor:
-        """[Lq, Lk] bool: where the score comes from ``keys``."""
+    def mask(self, rows: slice = slice(None)) -> torch.Tensor:
+        """[rows, Lk] bool: where the scores of query ``rows`` come from ``keys``."""
         keys = self.key_positions[None, :]
-        return (keys >= self.initial) & (self.query_positions[:, None] - keys >= self.recent)
+        return (keys >= self.initial) & (self.query_positions[rows, None] - keys >= self.recent)
 
 
 class KeyStats(NamedTuple):

@@ -41,7 +41,7 @@ def _grouped_scores(
     scores = grouped @ k.float()[:, :, None].transpose(-1, -2) * scale
     if distant is not None:
         shared = grouped @ distant.keys.float()[:, :, None].transpose(-1, -2) * scale
-        scores = torch.where(distant.mask()[rows], shared, scores)
+        scores = torch.where(distant.mask(rows), shared, scores)
     if bias is not None:
         scores = scores + bias.float()[:, :, None, None, :]
     mask = visible(lq, lk, window, q.device)[rows]

@@ -123,12 +123,13 @@ def _two_sources(
     sinks = int((positions < distant.initial).sum())  # memory order is position order: sinks first
     result = torch.empty_like(q)
     lse = torch.empty(batch, q_heads, lq, dtype=torch.float32, device=q.device)
+    seen_by_all = visible(lq, lk, window, q.device)
     for start in range(0, lq, ROW_TILE):
         rows = slice(start, min(lq, start + ROW_TILE))
         count = rows.stop - rows.start
         at = distant.query_positions[rows]
-        seen = visible(lq, lk, window, q.device)[rows]
-        far = seen & distant.mask()[rows]
+        seen = seen_by_all[rows]
+        far = seen & distant.mask(rows)
         # Columns either pass can see: sinks and the newest band (proximal), and the distant span.
         near_from = int(torch.searchsorted(positions, int(at.min()) - distant.recent + 1))
         far_to = int(torch.searchsorted(positions, int(at.max()) - distant.recent + 1))

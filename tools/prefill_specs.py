@@ -7,7 +7,8 @@ is one full-attention step with no compression. ``reform:imdc:h2o:256`` reads th
 by REFORM (``engine.reform``); its options (``gather=2048``, ``pool``, ``prefix``, ``suffix``, ...)
 sit among the policy's, as does ``kv_bits=4``, which stores the memory quantized
 (``engine.kv_quant``; ``full:kv_bits=4`` for full attention). ``full:pod=0.7`` shares distant keys
-across layers as POD does at threshold 0.7 (``pod_initial=``, ``pod_recent=``; ``engine.pod``).
+across layers as POD does at threshold 0.7 (``pod_initial=``, ``pod_recent=``, ``pod_adapt=1``;
+``engine.pod``).
 M may be a size instead of tokens:
 ``fixed:mikv:64MiB:1024`` keeps what fits in 64 MiB (``--memory-bytes``; C must then be given).
 """
@@ -23,7 +24,7 @@ from typing import Any
 import policies
 import schedules
 from engine.cli import parse_options, parse_size
-from engine.options import PLUGIN_HELP, REFORM_OPTIONS, reform_options
+from engine.options import PLUGIN_HELP, POD_OPTIONS, REFORM_OPTIONS, reform_options
 from engine.prefill import PrefillConfig
 from engine.registry import load_plugin
 from tools.report import ToolError
@@ -31,7 +32,8 @@ from tools.report import ToolError
 FULL = "full"
 REFORM = "reform"
 MEMORY_OPTIONS = ("kv_bits",)  # options of the memory itself, not of the policy
-POD_PREFIX = "pod"  # pod=THRESHOLD, pod_initial=, pod_recent=: POD's options (``engine.pod``)
+POD_PREFIX = "pod"  # pod=THRESHOLD, pod_initial=, pod_recent=, pod_adapt=: POD's options (``engine.pod``)
+POD_SPEC_OPTIONS = [POD_PREFIX if name == "threshold" else f"{POD_PREFIX}_{name}" for name in POD_OPTIONS]
 SIZE = re.compile(r"[\d.]+\s*[KMG]i?B", re.IGNORECASE)  # an M in bytes: 64MiB, 1.5GB
 
 
@@ -101,7 +103,7 @@ def _memory_options(options: dict[str, Any], text: str) -> dict[str, Any]:
     if pod:  # pod=THRESHOLD, pod_recent=N: PodSettings' fields
         taken["pod"] = {key.partition("_")[2] or "threshold": value for key, value in pod.items()}
     if text.split(":")[0] == FULL and options:
-        allowed = ", ".join((*MEMORY_OPTIONS, "pod", "pod_initial", "pod_recent"))
+        allowed = ", ".join((*MEMORY_OPTIONS, *POD_SPEC_OPTIONS))
         given = ", ".join(options)
         raise ToolError(f"config {text!r}: full attention takes only {allowed}, not {given}")
     return taken

@@ -49,7 +49,7 @@ class TritonBackend(Backend):
         if not _runs_on(torch.device(spec.device)):
             return "its kernels run on CUDA devices, or interpreted on the CPU (TRITON_INTERPRET=1)"
         if spec.distant:
-            return "its kernels read one key source (POD's distant keys are the reference backend's)"
+            return "its kernels read one key source (the reference and sdpa backends read POD's two)"
         return None
 
     def prefill(self, q, k, v, *, scale=None, window=None, out=None, bias=None) -> AttentionOutput:
