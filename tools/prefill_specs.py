@@ -54,9 +54,9 @@ def parse_spec(
     text = text.strip()
     parts = text.split(":")
     if parts[0] == FULL and all("=" in part for part in parts[1:]):
-        options = parse_options(parts[1:], f"config {text!r}")
+        memory_options = _memory_options(parse_options(parts[1:], f"config {text!r}"), text)
         try:
-            return NamedConfig(text, PrefillConfig(**_memory_options(options, text)))
+            return NamedConfig(text, PrefillConfig(**memory_options))
         except ValueError as error:
             raise ToolError(f"config {text!r}: {error}") from None
     answering = parts[0] == REFORM

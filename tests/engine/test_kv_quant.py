@@ -145,7 +145,7 @@ def test_kv_bits_are_checked_everywhere(tiny_dir, capsys):
     full, compressed = parse_specs("full:kv_bits=4,imdc:snapkv:64:kv_bits=2")
     assert (full.label, full.bounded, full.config.kv_bits) == ("full:kv_bits=4", False, 4)
     assert compressed.config.kv_bits == 2 and compressed.config.policy_args == {}
-    with pytest.raises(ValueError, match="full attention takes only kv_bits"):
+    with pytest.raises(ValueError, match=r"^config 'full:kernel=9': full attention takes only kv_bits"):
         parse_specs("full:kernel=9")
 
 
