@@ -72,6 +72,9 @@ class LayerMemory:
         }  # fmt: skip
         self._params = {} if quantized is None else {kind: quantized.empty_params(device) for kind in KINDS}
         self._slot = None if low is None else torch.empty(0, dtype=torch.int32, device=device)
+        # Rows of the full-precision tier in use; its stores keep room beyond them, as the entry
+        # buffers do, so that a decode step's append does not copy the tier.
+        self._high_rows = 0
         self._tiers_cache: tuple | None = None
         self._balance: torch.Tensor | None = None  # keys' balancer [segments, D], from the first tokens
         self._positions = torch.empty(0, dtype=torch.long, device=device)
@@ -284,7 +287,8 @@ class LayerMemory:
         low_rows = -1 - slots[~high]
         self._codes = {kind: store[low_rows] for kind, store in self._codes.items()}
         self._params = {kind: store[low_rows] for kind, store in self._params.items()}
-        self._slot[held[high]] = torch.arange(int(high.sum()), device=device, dtype=torch.int32)
+        self._high_rows = int(high.sum())
+        self._slot[held[high]] = torch.arange(self._high_rows, device=device, dtype=torch.int32)
         self._slot[held[~high]] = -1 - torch.arange(int((~high).sum()), device=device, dtype=torch.int32)
         self._tiers_cache = None
 
@@ -347,12 +351,15 @@ class LayerMemory:
         else:
             index = self._slots(new)
             if self.low is not None:  # new entries arrive at full precision
-                start = self._vectors["keys"].shape[0]
-                for kind in KINDS:
-                    self._vectors[kind] = torch.cat(
-                        (self._vectors[kind], self._vectors[kind].new_empty(index.numel(), self.head_dim))
-                    )
-                self._slot[index] = torch.arange(start, start + index.numel(), device=index.device).int()
+                start, end = self._high_rows, self._high_rows + index.numel()
+                if end > self._vectors["keys"].shape[0]:
+                    rows = _grown(self._vectors["keys"].shape[0], end)
+                    for kind in KINDS:
+                        store = self._vectors[kind].new_empty(rows, self.head_dim)
+                        store[:start] = self._vectors[kind][:start]
+                        self._vectors[kind] = store
+                self._high_rows = end
+                self._slot[index] = torch.arange(start, end, device=index.device).int()
             for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
                 self.write_rows(kind, index, data.reshape(-1, self.head_dim))
             self._positions.index_copy_(0, index, positions.reshape(-1))
@@ -457,6 +464,7 @@ class LayerMemory:
         )
         device = self._positions.device
         self._vectors = {kind: saved[kind].to(device).clone() for kind in KINDS}
+        self._high_rows = self._vectors["keys"].shape[0]
         self._params = {kind: saved[f"params.{kind}"].to(device).clone() for kind in self._params}
         self._codes = {kind: saved[f"codes.{kind}"].to(device).clone() for kind in self._codes}
         self._slot = None if self._slot is None else saved["slot"].to(device).clone()
