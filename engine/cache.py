@@ -192,43 +192,59 @@ class LayerMemory:
             self._vectors[kind].index_copy_(0, slots[high], rows[high].to(self.dtype))
             if not high.all():
                 low_rows = -1 - slots[~high]
-                codes, params = self._encoded(kind, index[~high], rows[~high], self.low)
+                codes, params = self._encoded(index[~high], {kind: rows[~high]}, self.low)[kind]
                 self._codes[kind].index_copy_(0, low_rows, codes)
                 self._params[kind].index_copy_(0, low_rows, params)
             return
         if self.codec is None:
             self._vectors[kind].index_copy_(0, index, rows.to(self.dtype))
             return
-        codes, params = self._encoded(kind, index, rows, self.codec)
-        self._vectors[kind].index_copy_(0, index, codes)
-        self._params[kind].index_copy_(0, index, params)
+        self._store_encoded(index, self._encoded(index, {kind: rows}, self.codec))
+
+    def _store_encoded(
+        self, index: torch.Tensor, encoded: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Write a one-tier quantized memory's codes and params of each kind at the flat ``index``."""
+        for kind, (codes, params) in encoded.items():
+            self._vectors[kind].index_copy_(0, index, codes)
+            self._params[kind].index_copy_(0, index, params)
 
     def demote(self, index: torch.Tensor) -> None:
         """Move the held entries ``index`` (flat) that are still at full precision to the low tier."""
         slots = self._slot[index].long()
         index, slots = index[slots >= 0], slots[slots >= 0]
         start = self._codes["keys"].shape[0]
-        for kind in KINDS:
-            codes, params = self._encoded(kind, index, self._vectors[kind][slots], self.low)
+        encoded = self._encoded(index, {kind: self._vectors[kind][slots] for kind in KINDS}, self.low)
+        for kind, (codes, params) in encoded.items():
             self._codes[kind] = torch.cat((self._codes[kind], codes))
             self._params[kind] = torch.cat((self._params[kind], params))
         self._slot[index] = (-1 - torch.arange(start, start + index.numel(), device=index.device)).int()
         self._compact_stores()
 
     def _encoded(
-        self, kind: str, index: torch.Tensor, rows: torch.Tensor, codec: KVCodec
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes and params of the vectors ``rows`` of the entries ``index``, keys balanced first."""
-        if kind != "values":
-            rows = rows.float() * self._balance[self._segment_of(index)]
-        return codec.encode(rows)
+        self, index: torch.Tensor, rows: dict[str, torch.Tensor], codec: KVCodec
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Codes and params of the vectors ``rows[kind]`` [N, D] of the entries ``index``, keys
+        balanced first. One encode serves every kind: a decode step writes a row per segment, where
+        the count of operations, not their size, is the cost."""
+        balance = self._balance[self._segment_of(index)] if any(kind != "values" for kind in rows) else None
+        parts = [data.float() if kind == "values" else data.float() * balance for kind, data in rows.items()]
+        codes, params = codec.encode(torch.cat(parts))
+        count = index.numel()
+        return {
+            kind: (codes[i * count : (i + 1) * count], params[i * count : (i + 1) * count])
+            for i, kind in enumerate(rows)
+        }
 
     def _decoded(self, kind: str) -> torch.Tensor:
         vectors = self.codec.decode(self._vectors[kind], self._params[kind])
         if kind != "values" and vectors.shape[0]:
-            vectors = vectors / self._balance.repeat_interleave(
-                torch.tensor(self.room, device=vectors.device), dim=0
-            )
+            if len(set(self.room)) == 1:  # equal rooms: a view, not a balancer row per entry each read
+                vectors.view(self.segments, -1, self.head_dim).div_(self._balance[:, None])
+            else:
+                vectors.div_(
+                    self._balance.repeat_interleave(torch.tensor(self.room, device=vectors.device), dim=0)
+                )
         return vectors.to(self.dtype)
 
     def _assembled(self, kind: str) -> torch.Tensor:
@@ -360,8 +376,15 @@ class LayerMemory:
                         self._vectors[kind] = store
                 self._high_rows = end
                 self._slot[index] = torch.arange(start, end, device=index.device).int()
-            for kind, data in zip(KINDS, (keys, rotated, values), strict=True):
-                self.write_rows(kind, index, data.reshape(-1, self.head_dim))
+            rows = {
+                kind: data.reshape(-1, self.head_dim)
+                for kind, data in zip(KINDS, (keys, rotated, values), strict=True)
+            }
+            if self.codec is not None:
+                self._store_encoded(index, self._encoded(index, rows, self.codec))
+            else:
+                for kind, data in rows.items():
+                    self.write_rows(kind, index, data)
             self._positions.index_copy_(0, index, positions.reshape(-1))
             for buffer in self._per_entry():
                 buffer.index_fill_(0, index, 0)
