@@ -34,13 +34,15 @@ class SdpaBackend(ReferenceBackend):
             return super().prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
         lq, lk = q.shape[2], k.shape[2]
         if bias is not None:
-            # A float mask adds to the scores: the bias, and -inf where a key is not visible.
-            mask = (
-                bias[:, :, None, None, :]
-                .to(q.dtype)
-                .masked_fill(~visible(lq, lk, window, q.device), float("-inf"))
-            )
-            mask = mask.repeat_interleave(q.shape[1] // k.shape[1], dim=1).flatten(1, 2)
+            # A float mask adds to the scores: the bias, and -inf where a key is not visible (a
+            # decode row without a window sees every key). One KV head's mask serves its whole group
+            # by broadcasting (a head-wise memory's segments come here one at a time).
+            mask = bias[:, :, None, None, :].to(q.dtype)
+            if lq > 1 or window is not None:
+                mask = mask.masked_fill(~visible(lq, lk, window, q.device), float("-inf"))
+            if k.shape[1] > 1:
+                mask = mask.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            mask = mask.flatten(1, 2)
             causal = False
         elif window is None and lq == lk:
             mask, causal = None, True
