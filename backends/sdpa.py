@@ -33,15 +33,22 @@ class SdpaBackend(ReferenceBackend):
         if isinstance(k, Segments) or distant is not None:
             return super().prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
         lq, lk = q.shape[2], k.shape[2]
+        kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
+        if bias is not None and kv_heads > 1 and group > 1:
+            # One call per KV head, whose mask broadcasts over its group: one call for all would
+            # need the [Lq, Lk] mask copied for every query head (a chunk's, tens of MB per layer).
+            parts = [
+                self.prefill(q[:, h * group : (h + 1) * group], k[:, h : h + 1], v[:, h : h + 1],
+                             scale=scale, window=window, bias=bias[:, h : h + 1]).out
+                for h in range(kv_heads)
+            ]  # fmt: skip
+            return AttentionOutput(_write(torch.cat(parts, dim=1), out), None)
         if bias is not None:
             # A float mask adds to the scores: the bias, and -inf where a key is not visible (a
-            # decode row without a window sees every key). One KV head's mask serves its whole group
-            # by broadcasting (a head-wise memory's segments come here one at a time).
+            # decode row without a window sees every key).
             mask = bias[:, :, None, None, :].to(q.dtype)
             if lq > 1 or window is not None:
                 mask = mask.masked_fill(~visible(lq, lk, window, q.device), float("-inf"))
-            if k.shape[1] > 1:
-                mask = mask.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             mask = mask.flatten(1, 2)
             causal = False
         elif window is None and lq == lk:
