@@ -110,11 +110,16 @@ REFORM_PASSKEY = "--tasks passkey --lengths 1536,4096,8192,16384,32768 --samples
 KV_BITS_CONFIGS = (
     "full,imdc:snapkv:256,imdc:snapkv:1024,imdc:snapkv:1024:kv_bits=8,imdc:snapkv:1024:kv_bits=4"
 )
-# At the bytes of M=256 float32 tokens (17 MiB of the default model): evict, quantize all, or demote.
-MIKV_CONFIGS = (
-    "full,fixed:snapkv:17MiB,fixed:h2o:17MiB,fixed:mikv:17MiB,fixed:mikv:17MiB:bits=2,"
-    "fixed:snapkv:17MiB:kv_bits=8,fixed:snapkv:17MiB:kv_bits=4"
-)
+
+
+def mikv_configs(size: str) -> str:
+    """At the same bytes ``size``: evict, quantize everything, or demote."""
+    return (
+        f"full,fixed:snapkv:{size},fixed:h2o:{size},fixed:mikv:{size},fixed:mikv:{size}:bits=2,"
+        f"fixed:snapkv:{size}:kv_bits=8,fixed:snapkv:{size}:kv_bits=4"
+    )
+
+
 # POD over full attention at thresholds 0.5 / 0.7 / 0.9 (and 0.5 with the key adapter), and SnapKV at the
 # bytes POD at 0.5 would hold
 # (the default model's blocks: 14% of K and V saved at 4096 tokens, 16.5% at 8192, engine.pod.PodPlan).
@@ -248,8 +253,18 @@ RUNS = (
         _command(
             "eval_longctx",
             "--tasks passkey,niah_single,niah_multikey,qa1 --lengths 4096,8192,16384 --samples 2 "
-            f"--chunk 1024 --configs {MIKV_CONFIGS}",
+            f"--chunk 1024 --configs {mikv_configs('17MiB')}",
             "mikv_17mib",
+        ),
+    ),
+    Run(
+        "Demote instead of evict (MiKV) at equal bytes: 68 MiB, the bytes of M=1024 float32 tokens",
+        "CPU",
+        _command(
+            "eval_longctx",
+            "--tasks passkey,niah_single,niah_multikey,qa1 --lengths 4096,8192 --samples 2 "
+            f"--chunk 1024 --configs {mikv_configs('68MiB')}",
+            "mikv_68mib",
         ),
     ),
     Run(
@@ -418,6 +433,7 @@ README_RUNS = {
     "heads_256.json": (0,),
     "kv_bits.json": (0,),
     "mikv_17mib.json": (0,),
+    "mikv_68mib.json": (0,),
     "bench_heads.json": (0,),
     "bench_mikv.json": (0,),
     "pod_longctx.json": (0,),
