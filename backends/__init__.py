@@ -62,7 +62,8 @@ class Packed:
     ``Segments``, entry i being row ``order[i]`` of [low tier; full-precision tier]. The low tier's
     rows are ``bits``-bit codes packed little-end first (``engine.kv_quant``), each with a float16
     scale and zero; its keys were stored multiplied by ``low_balance`` (MiKV's balancer), which a
-    reader divides out after dequantizing."""
+    reader divides out after dequantizing. A tier may hold rows no entry points at (room for the
+    next appends): a reader reads rows through ``order`` only."""
 
     order: torch.Tensor  # [C] int64
     high_keys: torch.Tensor  # [P, D] rotated
