@@ -34,7 +34,7 @@ class SdpaBackend(ReferenceBackend):
             return super().prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
         lq, lk = q.shape[2], k.shape[2]
         kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
-        if bias is not None and kv_heads > 1 and group > 1:
+        if bias is not None and kv_heads > 1 and group > 1 and lq > 1:
             # One call per KV head, whose mask broadcasts over its group: one call for all would
             # need the [Lq, Lk] mask copied for every query head (a chunk's, tens of MB per layer).
             parts = [
@@ -49,6 +49,8 @@ class SdpaBackend(ReferenceBackend):
             mask = bias[:, :, None, None, :].to(q.dtype)
             if lq > 1 or window is not None:
                 mask = mask.masked_fill(~visible(lq, lk, window, q.device), float("-inf"))
+            if lq == 1 and group > 1:  # a decode row's mask is small: one call for all heads
+                mask = mask.expand(-1, -1, group, -1, -1)
             mask = mask.flatten(1, 2)
             causal = False
         elif window is None and lq == lk:
