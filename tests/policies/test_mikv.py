@@ -106,6 +106,27 @@ def test_a_two_tier_memory_keeps_order_positions_and_exact_bytes():
     assert torch.equal(again.keys, layer.keys) and torch.equal(again.flat("low"), layer.flat("low"))
 
 
+def test_decode_appends_to_a_two_tier_memory_keep_every_vector_and_grow_its_store_by_quarters():
+    """A decode step appends one token per head; the full-precision store keeps room for more (as the
+    entry buffers do) rather than being copied on every append, and ``trim`` gives the room back."""
+    generator = torch.Generator().manual_seed(6)
+    keys, values = torch.randn(2, 1, 2, 40, DIM, generator=generator)
+    layer = LayerMemory(1, 2, DIM, torch.float32, torch.device("cpu"), low=KVCodec(2, DIM))
+    layer.append(keys[:, :, :8], keys[:, :, :8], values[:, :, :8], torch.arange(8))
+    layer.demote(torch.tensor([layer.offsets[0] + 3, layer.offsets[1] + 5]))
+    stores = set()
+    for token in range(8, 40):
+        one = slice(token, token + 1)
+        layer.append(keys[:, :, one], keys[:, :, one], values[:, :, one], torch.tensor([token]))
+        stores.add(layer._vectors["keys"].shape[0])
+    assert len(stores) < 10  # grown a few times, not once per append
+    low = layer.window("low", 0, layer.lengths)[0]
+    assert int(low.sum()) == 2
+    assert torch.equal(layer.values[~low], values[~low]) and torch.equal(layer.keys[~low], keys[~low])
+    layer.trim()
+    assert layer.nbytes == layer.held_bytes()
+
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     return engine.load(write_tiny_checkpoint(tmp_path_factory.mktemp("mikv") / "ckpt", "llama"))
