@@ -240,7 +240,7 @@ class LayerMemory:
         vectors = self.codec.decode(self._vectors[kind], self._params[kind])
         if kind != "values" and vectors.shape[0]:
             if len(set(self.room)) == 1:  # equal rooms: a view, not a balancer row per entry each read
-                vectors.view(self.segments, -1, self.head_dim).div_(self._balance[:, None])
+                self._dense_room(vectors).div_(self._balance.view(*self.shape, 1, self.head_dim))
             else:
                 vectors.div_(
                     self._balance.repeat_interleave(torch.tensor(self.room, device=vectors.device), dim=0)
@@ -369,9 +369,9 @@ class LayerMemory:
             if self.low is not None:  # new entries arrive at full precision
                 start, end = self._high_rows, self._high_rows + index.numel()
                 if end > self._vectors["keys"].shape[0]:
-                    rows = _grown(self._vectors["keys"].shape[0], end)
+                    capacity = _grown(self._vectors["keys"].shape[0], end)
                     for kind in KINDS:
-                        store = self._vectors[kind].new_empty(rows, self.head_dim)
+                        store = self._vectors[kind].new_empty(capacity, self.head_dim)
                         store[:start] = self._vectors[kind][:start]
                         self._vectors[kind] = store
                 self._high_rows = end
