@@ -14,14 +14,29 @@ from backends import AttentionOutput, AttentionSpec, Backend, Distant, KeyStats,
 ROW_TILE = 512
 
 
+# Masks made by ``visible``, one per (rows, window, device), and the most elements they may hold.
+_MASKS: dict[tuple[int, int | None, str], torch.Tensor] = {}
+MASK_ELEMENTS = 1 << 25
+
+
 def visible(lq: int, lk: int, window: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[lq, lk] bool: which keys each query row may attend to (see the contract in ``backends``)."""
-    query_at = torch.arange(lq, device=device)[:, None] + (lk - lq)
-    key_at = torch.arange(lk, device=device)[None, :]
-    mask = key_at <= query_at
-    if window is not None:
-        mask &= query_at - key_at < window
-    return mask
+    """[lq, lk] bool: which keys each query row may attend to (see the contract in ``backends``).
+    Read-only, as it may be a view of a kept mask: the diagonal being aligned bottom-right, the mask
+    for ``lk`` keys is the last ``lk`` columns of the mask for any more keys, so the one kept mask of
+    a chunk's rows serves every KV head's segment, every layer and the statistics' row tiles."""
+    key = (lq, window, str(device))
+    mask = _MASKS.get(key)
+    if mask is None or mask.shape[1] < lk:
+        query_at = torch.arange(lq, device=device)[:, None] + (lk - lq)
+        key_at = torch.arange(lk, device=device)[None, :]
+        mask = key_at <= query_at
+        if window is not None:
+            mask &= query_at - key_at < window
+        if sum(kept.numel() for kept in _MASKS.values()) + mask.numel() > MASK_ELEMENTS:
+            _MASKS.clear()
+        if mask.numel() <= MASK_ELEMENTS:
+            _MASKS[key] = mask
+    return mask[:, mask.shape[1] - lk :]
 
 
 def _grouped_scores(

@@ -102,7 +102,9 @@ class SdpaBackend(ReferenceBackend):
     def decode(
         self, q, k, v, *, scale=None, window=None, out=None, bias=None, distant=None
     ) -> AttentionOutput:
-        if isinstance(k, Segments) or bias is not None or distant is not None or q.dtype != torch.bfloat16:
+        if isinstance(k, Segments):  # never with ``distant``: ``lacks`` declines that
+            return AttentionOutput(_write(_ragged_decode(q, k, _default_scale(q, scale), window), out), None)
+        if bias is not None or distant is not None or q.dtype != torch.bfloat16:
             return self.prefill(q, k, v, scale=scale, window=window, out=out, bias=bias, distant=distant)
         # One bfloat16 row: the fused kernel is slow there (25x at 8k keys); two grouped products in
         # bfloat16 with a float32 softmax are faster than even float32 SDPA.
@@ -116,6 +118,25 @@ class SdpaBackend(ReferenceBackend):
         scores = torch.bmm(grouped, keys.transpose(1, 2)).float() * _default_scale(q, scale)
         result = torch.bmm(scores.softmax(dim=-1).to(v.dtype), values).reshape(batch, q_heads, 1, dim)
         return AttentionOutput(_write(result, out), None)
+
+
+def _ragged_decode(q: torch.Tensor, segments: Segments, scale: float, window: int | None) -> torch.Tensor:
+    """A decode row of every query head against KV heads of different lengths, read in place from
+    the flat buffers: per segment, two small products and a float32 softmax. At one row these cost
+    less than the fused kernel's dispatch, which a call per segment would pay each time."""
+    batch, kv_heads = segments.shape
+    group, dim = q.shape[1] // kv_heads, q.shape[-1]
+    rows = q.reshape(batch, kv_heads, group, dim)
+    result = torch.empty(batch, kv_heads, group, dim, dtype=q.dtype, device=q.device)
+    for s, (offset, length) in enumerate(zip(segments.offsets, segments.lengths, strict=True)):
+        first, end = offset + (0 if window is None else max(0, length - window)), offset + length
+        b, h = divmod(s, kv_heads)
+        scores = torch.mm(rows[b, h], segments.keys[first:end].T).float() * scale
+        if segments.bias is not None:
+            scores += segments.bias[first:end].float()
+        values = segments.values[first:end]
+        result[b, h] = torch.mm(scores.softmax(dim=-1).to(values.dtype), values)
+    return result.view(q.shape)
 
 
 _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
