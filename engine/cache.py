@@ -410,7 +410,15 @@ class LayerMemory:
             list(index.reshape(self.segments, -1)) if isinstance(index, torch.Tensor) else list(index)
         )
         chosen = torch.cat([self.offsets[s] + rows for s, rows in enumerate(per_segment)])
-        self._repack(chosen, [rows.numel() for rows in per_segment])
+        counts = [rows.numel() for rows in per_segment]
+        # In place, each segment keeping its room for the next chunk: a kept entry never moves to a
+        # later row (the index is sorted), and the gather reads every row before any is written.
+        destination = _ranges(self.offsets, counts, chosen.device)
+        for buffer in self._rows():
+            buffer[destination] = buffer[chosen]
+        self.lengths = counts
+        if self.low is not None:
+            self._compact_stores()
 
     def merge(self, targets: torch.Tensor, sources: torch.Tensor) -> None:
         """Fold the entries ``sources`` into ``targets`` (flat indices, ``source[i]`` into ``target[i]``):
@@ -568,7 +576,9 @@ class LayerMemory:
     def _slots(self, new: int) -> torch.Tensor:
         """Flat indices where each segment's next ``new`` entries go, segment after segment."""
         ends = [start + length for start, length in zip(self.offsets, self.lengths, strict=True)]
-        return _ranges(ends, [new] * self.segments, self._positions.device)
+        device = self._positions.device
+        # Equal counts: one broadcast sum in place of a range per segment (a decode step's append).
+        return (torch.tensor(ends, device=device)[:, None] + torch.arange(new, device=device)).flatten()
 
     def _grow(self, new: int) -> None:
         """Room for ``new`` more entries in every segment, and a quarter more (appends stay amortised
