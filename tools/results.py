@@ -201,6 +201,15 @@ RUNS = (
         ),
     ),
     Run(
+        "REFORM's pass key: SnapKV at the same memories",
+        "CPU",
+        _command(
+            "eval_longctx",
+            f"{REFORM_PASSKEY} --configs imdc:snapkv:256,imdc:snapkv:1024",
+            "reform_passkey_snapkv",
+        ),
+    ),
+    Run(
         "REFORM: long-context tasks",
         "CPU",
         _command(
@@ -343,6 +352,7 @@ PARTIAL_NOTE = (
 
 # A run measured alone, compared with configs of another run on the cases both measured.
 BESIDE = {
+    "reform_passkey.json": ("reform_passkey_snapkv.json", ("imdc:snapkv:256:256", "imdc:snapkv:1024:1024")),
     "reform_longctx.json": ("longctx.json", ("full", "imdc:h2o:1024:1024", "imdc:snapkv:1024:1024")),
     "reform_multiturn.json": (
         "longctx_multiturn.json",
