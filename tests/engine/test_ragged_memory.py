@@ -9,6 +9,7 @@ from tiny import write_calibration, write_tiny_checkpoint
 
 import engine
 from engine import GREEDY, PrefillConfig
+from engine.cache import LayerMemory
 from engine.calibration import CalibrationError
 from policies import PolicyError
 
@@ -125,3 +126,24 @@ def test_head_wise_policies_need_the_models_calibration(tmp_path):
         CalibrationError, match=r"not valid JSON .*remake it with `python -m tools\.find_heads"
     ):
         llm.prefill(IDS, PrefillConfig(schedule="fixed", policy="duo", memory=24, chunk=16))
+
+
+def test_keeping_per_head_entries_compacts_in_place_and_keeps_the_room():
+    """A per-head ``keep`` moves each segment's chosen entries to its front, in order, and leaves the
+    segments' room where it was, so the next chunk appends without repacking the buffers."""
+    memory = LayerMemory(1, 2, 4, torch.float32, torch.device("cpu"))
+    keys = torch.arange(2 * 10 * 4, dtype=torch.float32).view(1, 2, 10, 4)
+    memory.append(keys, keys + 0.5, -keys, torch.arange(10))
+    memory.keep([torch.tensor([1, 4, 9]), torch.tensor([0, 2, 3, 5, 8])])
+    room, offsets, buffer = list(memory.room), list(memory.offsets), memory.flat("keys")
+    assert memory.lengths == [3, 5]
+    for segment, chosen in enumerate(([1, 4, 9], [0, 2, 3, 5, 8])):
+        assert torch.equal(memory.segment(segment, "keys"), keys[0, segment, chosen])
+        assert torch.equal(memory.segment(segment, "values"), -keys[0, segment, chosen])
+        assert memory.segment(segment, "positions").tolist() == chosen
+    new = torch.full((1, 2, 2, 4), 7.0)
+    memory.append(new, new, new, torch.tensor([10, 11]))
+    assert (memory.room, memory.offsets) == (room, offsets)
+    assert memory.flat("keys").data_ptr() == buffer.data_ptr()  # appended in place, not repacked
+    assert memory.lengths == [5, 7]
+    assert memory.segment(1, "positions").tolist() == [0, 2, 3, 5, 8, 10, 11]
