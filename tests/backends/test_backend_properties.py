@@ -16,6 +16,7 @@ from hypothesis import given, settings
 
 import backends
 from backends import Segments
+from backends.reference import visible
 from tools.check_backends import (
     ABSOLUTE_FLOOR,
     CASES,
@@ -272,3 +273,14 @@ def test_bias_of_log_n_equals_the_entry_repeated_n_times(backend, device):
         torch.cat([repeated[1, 1:3].sum(0, keepdim=True), repeated[1, 3:]]),  # column 0: left padding
     ]
     torch.testing.assert_close(biased, torch.stack(folded), rtol=1e-5, atol=1e-6)
+
+
+def test_visibility_masks_are_the_same_whether_made_or_cut_from_a_kept_one():
+    """``visible`` keeps one mask per (rows, window) and cuts those for fewer keys from it: asked in
+    any order, each mask equals the contract's rule (row i at key index i + lk - lq)."""
+    for lq, lk, window in [(5, 40, None), (5, 9, None), (5, 5, None), (5, 40, 3), (5, 7, 3), (1, 12, None)]:
+        query_at = [row + lk - lq for row in range(lq)]
+        expected = torch.tensor(
+            [[key <= at and (window is None or at - key < window) for key in range(lk)] for at in query_at]
+        )
+        assert torch.equal(visible(lq, lk, window), expected)
