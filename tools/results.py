@@ -219,6 +219,16 @@ RUNS = (
         ),
     ),
     Run(
+        "REFORM: long-context tasks at M = 256, beside imdc at the same memory",
+        "CPU",
+        _command(
+            "eval_longctx",
+            "--tasks core --lengths 4096,8192,16384 --samples 1 "
+            "--configs reform:imdc:h2o:256,imdc:h2o:256,imdc:snapkv:256",
+            "reform_longctx_256",
+        ),
+    ),
+    Run(
         "REFORM: three questions about one document",
         "CPU",
         _command(
@@ -359,6 +369,7 @@ BESIDE = {
         ("full", "imdc:h2o:1024:1024", "imdc:snapkv:1024:1024"),
     ),
     "heads_256.json": ("heads_1024.json", ("full",)),
+    "reform_longctx_256.json": ("longctx.json", ("full",)),
 }
 
 
