@@ -411,8 +411,8 @@ class LayerMemory:
         )
         chosen = torch.cat([self.offsets[s] + rows for s, rows in enumerate(per_segment)])
         counts = [rows.numel() for rows in per_segment]
-        # In place, each segment keeping its room for the next chunk: a kept entry never moves to a
-        # later row (the index is sorted), and the gather reads every row before any is written.
+        # In place, each segment keeping its room for the next chunk (the gather copies the chosen
+        # rows before any is written).
         destination = _ranges(self.offsets, counts, chosen.device)
         for buffer in self._rows():
             buffer[destination] = buffer[chosen]
