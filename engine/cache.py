@@ -513,7 +513,8 @@ class LayerMemory:
     @property
     def nbytes(self) -> int:
         """Bytes of the buffers: the entries summed over segments (not the longest segment times the
-        segments), and the room kept for the next ones (none after ``trim``, at most a quarter)."""
+        segments), and the room kept for the next ones (none after ``trim``; a quarter more than the
+        entries after growing; a ``keep`` leaves the room as it was, for the next chunk)."""
         return sum(t.numel() * t.element_size() for t in (*self._rows(), *self._stores()))
 
     def held_bytes(self) -> int:
@@ -582,7 +583,7 @@ class LayerMemory:
 
     def _grow(self, new: int) -> None:
         """Room for ``new`` more entries in every segment, and a quarter more (appends stay amortised
-        O(1) and at most a quarter of the buffers is ever empty); uniform memories stay uniform."""
+        O(1), and growing leaves at most a quarter of the buffers empty); uniform memories stay uniform."""
         if self.uniform:
             rooms = [_grown(self.room[0] if self.room else 0, self.length + new)] * self.segments
         else:

@@ -90,7 +90,7 @@ def test_bytes_follow_the_tokens_held_summed_over_heads(llm):
     rectangular = llm.prefill(
         IDS, PrefillConfig(schedule="fixed", policy="snapkv", memory=24, chunk=16)
     ).memory
-    for layer in shrunk.layers:  # compression leaves no spare room
+    for layer in shrunk.layers:  # the prefill's trim leaves no spare room
         assert layer.nbytes == sum(layer.lengths) * layer.entry_bytes()
     assert shrunk.nbytes < rectangular.nbytes
     assert shrunk.held_bytes() == shrunk.nbytes
