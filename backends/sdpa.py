@@ -123,19 +123,21 @@ class SdpaBackend(ReferenceBackend):
 def _ragged_decode(q: torch.Tensor, segments: Segments, scale: float, window: int | None) -> torch.Tensor:
     """A decode row of every query head against KV heads of different lengths, read in place from
     the flat buffers: per segment, two small products and a float32 softmax. At one row these cost
-    less than the fused kernel's dispatch, which a call per segment would pay each time."""
+    less than the fused kernel's dispatch, which a call per segment would pay each time; the few
+    operations are the cost here (each is about as dear as its arithmetic), so the scale is applied
+    to the queries once, segments are walked by ``unbind`` and each product writes into the result."""
     batch, kv_heads = segments.shape
     group, dim = q.shape[1] // kv_heads, q.shape[-1]
-    rows = q.reshape(batch, kv_heads, group, dim)
-    result = torch.empty(batch, kv_heads, group, dim, dtype=q.dtype, device=q.device)
-    for s, (offset, length) in enumerate(zip(segments.offsets, segments.lengths, strict=True)):
+    rows = (q * scale).reshape(batch * kv_heads, group, dim).unbind()
+    result = torch.empty(batch * kv_heads, group, dim, dtype=q.dtype, device=q.device)
+    each = zip(rows, result.unbind(), segments.offsets, segments.lengths, strict=True)
+    for row, into, offset, length in each:
         first, end = offset + (0 if window is None else max(0, length - window)), offset + length
-        b, h = divmod(s, kv_heads)
-        scores = torch.mm(rows[b, h], segments.keys[first:end].T).float() * scale
+        scores = F.linear(row, segments.keys[first:end])
         if segments.bias is not None:
-            scores += segments.bias[first:end].float()
+            scores = scores.float() + segments.bias[first:end]
         values = segments.values[first:end]
-        result[b, h] = torch.mm(scores.softmax(dim=-1).to(values.dtype), values)
+        torch.mm(torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype), values, out=into)
     return result.view(q.shape)
 
 

@@ -71,6 +71,7 @@ class MemoryAttention:
         self.tap = tap
         self._original_positions: torch.Tensor | None = None
         self._angle_cache: dict[tuple[int | None, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._segment_angles: tuple[list[list[int]], torch.Tensor, torch.Tensor] | None = None
         self.setup = setup
         self.budget = budget
         self.step = step
@@ -95,7 +96,7 @@ class MemoryAttention:
             q = Rope.apply(q, cos, sin)
             layer_memory.append(k, Rope.apply(k, cos, sin), v, original, queries)
         else:
-            q, rotated = self._rotate_segments(layer_memory, q, k, original)
+            q, rotated = self._rotate_segments(layer, layer_memory, q, k, original)
             layer_memory.append(k, rotated, v, original, queries)
         decoding = q.shape[2] == 1
         if decoding and layer_memory.low is not None and setup.backend.reads_packed:
@@ -112,21 +113,44 @@ class MemoryAttention:
         return result.out
 
     def _rotate_segments(
-        self, memory: LayerMemory, q: torch.Tensor, k: torch.Tensor, original: torch.Tensor
+        self, layer: int, memory: LayerMemory, q: torch.Tensor, k: torch.Tensor, original: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k rotated for KV heads of different lengths: in compact positions each head's new
         rows continue from its own length (and the query heads of its group with them)."""
-        rope = self.setup.rope
         if self.setup.positions != "compact":
             cos, sin = self._angles(0, q.shape[2], original, q.dtype)
             return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
-        lengths = memory.lengths_tensor()
-        positions = lengths[..., None] + torch.arange(q.shape[2], device=q.device)
-        cos, sin = rope.at(positions, q.dtype)  # [B, Hkv, n, D]
+        cos, sin = self._compact_angles(layer, memory, q.shape[2], q.dtype)  # [B, Hkv, n, D]
         batch, q_heads, count, dim = q.shape
         grouped = q.view(batch, k.shape[1], q_heads // k.shape[1], count, dim)
         rotated_q = Rope.apply(grouped, cos[:, :, None], sin[:, :, None]).view(q.shape)
         return rotated_q, Rope.apply(k, cos, sin)
+
+    def _compact_angles(
+        self, layer: int, memory: LayerMemory, count: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, Hkv, count, D] continuing each KV head from its own length. A decode step
+        looks them up for every layer at once, at its first such layer (one lookup per layer costs
+        about as much as the layer's attention); a layer's lengths change only in its own call, so
+        later layers find theirs ready."""
+        if count == 1:
+            made = self._segment_angles
+            if made is None or made[1].dtype != dtype:
+                lengths = [list(each.lengths) for each in self.memory.layers]
+                made = self._segment_angles = (lengths, *self._angles_at(lengths, count, dtype))
+            if made[0][layer] == memory.lengths:
+                return made[1][layer], made[2][layer]
+        cos, sin = self._angles_at([memory.lengths], count, dtype)
+        return cos[0], sin[0]
+
+    def _angles_at(
+        self, lengths: list[list[int]], count: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [layers, B, Hkv, count, D] at positions length .. length + count - 1."""
+        device = self.setup.rope.inv_freq.device
+        shape = (len(lengths), *self.memory.layers[0].shape, 1)
+        positions = torch.tensor(lengths, device=device).view(shape) + torch.arange(count, device=device)
+        return self.setup.rope.at(positions, dtype)
 
     def _distant(self, layer: int, memory: LayerMemory, original: torch.Tensor) -> Distant | None:
         """POD's distant keys for ``layer``: each follower KV head reads its block leader's (a lower

@@ -102,10 +102,6 @@ class LayerMemory:
             and all(offset == index * first for index, offset in enumerate(self.offsets))
         )
 
-    def lengths_tensor(self) -> torch.Tensor:
-        """Entries per segment [B, Hkv] (int64, on the memory's device)."""
-        return torch.tensor(self.lengths, device=self._positions.device).view(self.shape)
-
     # ---- views
 
     def _dense(self, flat: torch.Tensor) -> torch.Tensor:
@@ -578,7 +574,9 @@ class LayerMemory:
         """Flat indices where each segment's next ``new`` entries go, segment after segment."""
         ends = [start + length for start, length in zip(self.offsets, self.lengths, strict=True)]
         device = self._positions.device
-        # Equal counts: one broadcast sum in place of a range per segment (a decode step's append).
+        if new == 1:  # a decode step's append
+            return torch.tensor(ends, device=device)
+        # Equal counts: one broadcast sum in place of a range per segment.
         return (torch.tensor(ends, device=device)[:, None] + torch.arange(new, device=device)).flatten()
 
     def _grow(self, new: int) -> None:

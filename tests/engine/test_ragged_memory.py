@@ -9,6 +9,7 @@ from tiny import write_calibration, write_tiny_checkpoint
 
 import engine
 from engine import GREEDY, PrefillConfig
+from engine.attention import MemoryAttention
 from engine.cache import LayerMemory
 from engine.calibration import CalibrationError
 from policies import PolicyError
@@ -71,6 +72,34 @@ def test_per_head_lengths_survive_compression_append_and_decode(llm):
         assert layer.lengths == expected
         assert layer.nbytes >= sum(layer.lengths) * layer.entry_bytes()
     assert completion.memory.seen == len(IDS) + 5
+
+
+def test_a_decode_step_rotates_each_head_from_its_own_length(llm):
+    """A decode step looks up every layer's angles at its first layer: each layer must still rotate
+    its KV heads' new rows at their own lengths, a layer changed since that lookup included."""
+    config = razor(recent=6)
+    memory = llm.prefill(IDS, config).memory
+    first, last = memory.layers[0], memory.layers[-1]
+    first.truncate([length - 1 - head for head, length in enumerate(first.lengths)])
+    assert first.lengths != last.lengths  # else reading another layer's angles would pass
+    setup = llm.attention_setup(config.build_policy(), config.positions)
+    attend = MemoryAttention(memory, setup, budget=None, step=memory.seen)
+    heads, kv_heads, dim = llm.config.num_heads, llm.config.num_kv_heads, llm.config.head_dim
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, 1, dim, generator=generator)
+    k = torch.randn(1, kv_heads, 1, dim, generator=generator)
+
+    def assert_rotated_at_its_lengths(index: int, layer: LayerMemory) -> None:
+        rotated_q, rotated_k = attend._rotate_segments(index, layer, q, k, torch.tensor([memory.seen]))
+        at = torch.tensor(layer.lengths).view(1, kv_heads, 1)
+        grouped = q.view(1, kv_heads, heads // kv_heads, 1, dim)
+        assert torch.equal(rotated_k, setup.rope.rotate(k, at))
+        assert torch.equal(rotated_q, setup.rope.rotate(grouped, at[:, :, None]).view(q.shape))
+
+    for index, layer in enumerate(memory.layers):
+        assert_rotated_at_its_lengths(index, layer)
+    first.truncate([length - 1 for length in first.lengths])
+    assert_rotated_at_its_lengths(0, first)
 
 
 def test_streaming_heads_stay_at_their_window_when_the_longest_head_fits_the_budget(llm):
