@@ -5,11 +5,12 @@ scores: cheap for a last-``w`` window, a full recomputation for "all queries", d
 product and a fused softmax per tile of rows (the reference spells each step out instead). It is the
 fast path on the CPU (6-10x the explicit float32 math there).
 
-POD's two key sources (``Distant``) take two fused passes per tile of query rows, one over the own
-keys of the proximal columns and one over the shared keys of the distant columns, merged by their
-LSE into the one softmax over both; each pass reads only the columns it needs, so together they
-cost about one pass over all keys. The fused kernel that returns an LSE is PyTorch's CPU flash
-attention; elsewhere the reference's scores are built instead.
+POD's two key sources (``Distant``) take fused passes over contiguous blocks of columns per tile of
+query rows: the sinks and the proximal band over the own keys, the distant span over the shared keys,
+and only the diagonal blocks, where the source or visibility changes row by row, with a mask; merged
+by their LSE into the one softmax over both. The blocks are views and together cost about one pass
+over the keys each row sees; a decode row needs no mask at all. The fused kernel that returns an LSE
+is PyTorch's CPU flash attention; elsewhere the reference's scores are built instead.
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def _two_sources(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distant: Distant, scale: float, window: int | None,
     out: torch.Tensor | None,
 ) -> AttentionOutput:  # fmt: skip
-    """POD's attention by two fused passes per tile of rows (see the module's docstring); the keys'
-    positions ascend, as in the uncompressed memory POD reads."""
+    """POD's attention by fused passes over blocks of columns per tile of rows (see the module's
+    docstring); the keys' positions ascend, as in the uncompressed memory POD reads."""
     batch, q_heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -164,15 +165,14 @@ def _two_sources(
         at = distant.query_positions[rows]
         seen = seen_by_all[rows]
         far = seen & distant.mask(rows)
-        # Columns either pass can see: sinks and the newest band (proximal), and the distant span.
-        near_from = int(torch.searchsorted(positions, int(at.min()) - distant.recent + 1))
-        far_to = int(torch.searchsorted(positions, int(at.max()) - distant.recent + 1))
-        near_columns = torch.cat((torch.arange(sinks), torch.arange(max(near_from, sinks), lk))).to(q.device)
+        near = seen & ~far
         queries = q[:, :, rows].reshape(batch, kv_heads, group * count, dim)
-        parts = [_pass(queries, k, v, near_columns, (seen & ~far)[:, near_columns], group, scale)]
-        if far_to > sinks and far[:, sinks:far_to].any():
-            span = torch.arange(sinks, far_to, device=q.device)
-            parts.append(_pass(queries, distant.keys, v, span, far[:, span], group, scale))
+        parts = [
+            _pass(queries, keys[:, :, columns], v[:, :, columns], allowed, group, scale)
+            for keys, columns, allowed in _blocks(
+                k, distant.keys, near, far, positions, sinks, at, distant.recent
+            )
+        ]
         outputs, lses = zip(*parts, strict=True)
         top = torch.stack(lses).amax(dim=0)
         weights = [torch.exp(part - top) for part in lses]
@@ -180,22 +180,63 @@ def _two_sources(
         merged = (
             sum(w[..., None] * o.float() for w, o in zip(weights, outputs, strict=True)) / total[..., None]
         )
-        result[:, :, rows] = merged.view(batch, q_heads, count, dim).to(q.dtype)
+        result[:, :, rows] = merged.reshape(batch, q_heads, count, dim).to(q.dtype)
         lse[:, :, rows] = (top + total.log()).view(batch, q_heads, count)
     return AttentionOutput(_write(result, out), lse)
 
 
-def _pass(queries, keys, values, columns, mask, group, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention of ``queries`` [B, Hkv, G*rows, D] (a group's heads as rows) over ``columns``
-    of ``keys``/``values``, where ``mask`` [rows, len(columns)] allows; rows that see none of them get
-    LSE -inf (the kernel reports 0)."""
+def _blocks(
+    own: torch.Tensor, shared: torch.Tensor, near: torch.Tensor, far: torch.Tensor, positions: torch.Tensor,
+    sinks: int, at: torch.Tensor, recent: int,
+) -> list[tuple[torch.Tensor, slice, torch.Tensor | None]]:  # fmt: skip
+    """The column blocks a tile of rows at positions ``at`` reads, as (keys, columns, mask or None
+    where every row sees every column): the sinks; the distant span every row reads whole; the span
+    where the key source turns from shared to own row by row (read from both, masked); the proximal
+    band; the tile's own causal block. Contiguous columns, so each pass reads views and only the
+    diagonal blocks build a mask; adjacent unmasked blocks of the same keys are read as one."""
+
+    def column(position: int) -> int:
+        return int(torch.searchsorted(positions, position))
+
+    turns = max(sinks, column(int(at.min()) - recent + 1))
+    proximal = max(turns, column(int(at.max()) - recent + 1))
+    causal = max(proximal, column(int(at.min())))
+    end = max(causal, column(int(at.max()) + 1))  # later keys are the tile's future
+    wanted = [
+        (own, near, 0, sinks), (shared, far, sinks, turns), (shared, far, turns, proximal),
+        (own, near, turns, proximal), (own, near, proximal, causal), (own, near, causal, end),
+    ]  # fmt: skip
+    blocks: list[tuple[torch.Tensor, slice, torch.Tensor | None]] = []
+    for keys, allowed, first, stop in wanted:
+        mask = allowed[:, first:stop]
+        if stop <= first or not mask.any():
+            continue
+        mask = None if mask.all() else mask
+        if (
+            blocks
+            and mask is None
+            and blocks[-1][0] is keys
+            and blocks[-1][2] is None
+            and blocks[-1][1].stop == first
+        ):
+            blocks[-1] = (keys, slice(blocks[-1][1].start, stop), None)
+        else:
+            blocks.append((keys, slice(first, stop), mask))
+    return blocks
+
+
+def _pass(queries, keys, values, mask, group, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention of ``queries`` [B, Hkv, G*rows, D] (a group's heads as rows) over ``keys``/
+    ``values``, where ``mask`` [rows, columns] allows (None: everywhere); rows that see none of them
+    get LSE -inf (the kernel reports 0)."""
+    if mask is None:
+        output, lse = _FLASH_WITH_LSE(queries, keys, values, 0.0, False, scale=scale)
+        return output, lse.float()
     allowed = mask.repeat(group, 1)
     bias = torch.zeros(allowed.shape, dtype=queries.dtype, device=queries.device).masked_fill_(
         ~allowed, float("-inf")
     )
-    output, lse = _FLASH_WITH_LSE(
-        queries, keys[:, :, columns], values[:, :, columns], 0.0, False, attn_mask=bias, scale=scale
-    )
+    output, lse = _FLASH_WITH_LSE(queries, keys, values, 0.0, False, attn_mask=bias, scale=scale)
     return output, lse.float().masked_fill(~allowed.any(dim=-1), float("-inf"))
 
 
